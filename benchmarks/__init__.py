@@ -1,0 +1,1 @@
+"""Benchmarks and experiments for entnorm_jax (run from the repository root)."""
