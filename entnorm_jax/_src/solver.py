@@ -85,6 +85,16 @@ def _binary_model_gamma(n_ties, gap, target, log_m):
   return jnp.where(jnp.isfinite(gap) & (gap > 0), x / gap, 0.0)
 
 
+def _guesses(stats: RowStats, bounds: Bounds, target: jax.Array):
+  deficit = jnp.maximum(bounds.log_n - target, 0.0)
+  spread = jnp.where(stats.spread > 0, stats.spread, 1.0)
+  gamma_lo = jnp.sqrt(8.0 * deficit) / spread
+  var0 = jnp.where(stats.var > 0, stats.var, 1.0)
+  gamma_uniform = jnp.sqrt(2.0 * deficit / var0)
+  gamma_argmax = _binary_model_gamma(stats.n_ties, stats.gap, target, bounds.log_m)
+  return gamma_uniform, gamma_argmax, gamma_lo
+
+
 def initial_gamma(stats: RowStats, bounds: Bounds, target: jax.Array) -> tuple[jax.Array, jax.Array]:
   """First guess and lower bound for γ* from exponential-free statistics.
 
@@ -95,14 +105,19 @@ def initial_gamma(stats: RowStats, bounds: Bounds, target: jax.Array) -> tuple[j
   Returns:
     ``(gamma0, gamma_lo)``, both of the batch shape.
   """
-  deficit = jnp.maximum(bounds.log_n - target, 0.0)
-  spread = jnp.where(stats.spread > 0, stats.spread, 1.0)
-  gamma_lo = jnp.sqrt(8.0 * deficit) / spread
-  var0 = jnp.where(stats.var > 0, stats.var, 1.0)
-  gamma_uniform = jnp.sqrt(2.0 * deficit / var0)
-  gamma_argmax = _binary_model_gamma(stats.n_ties, stats.gap, target, bounds.log_m)
+  gamma_uniform, gamma_argmax, gamma_lo = _guesses(stats, bounds, target)
   gamma0 = jnp.clip(jnp.maximum(gamma_uniform, gamma_argmax), gamma_lo, bounds.gamma_hi)
   return gamma0, gamma_lo
+
+
+def initial_center(stats: RowStats, bounds: Bounds, target: jax.Array) -> jax.Array:
+  """Where to centre the first moments: where q's mass is expected at the first guess.
+
+  On the maximum (0) when the argmax model sets the guess, on the plain mean otherwise; a centre
+  far from q's mean cancels the variance away in float32.
+  """
+  gamma_uniform, gamma_argmax, _ = _guesses(stats, bounds, target)
+  return jnp.where(gamma_argmax > gamma_uniform, 0.0, stats.mean)
 
 
 class _State(NamedTuple):
@@ -113,8 +128,13 @@ class _State(NamedTuple):
 
 
 def _halley(f, f1, f2):
-  """Halley's correction -2 f f' / (2 f'^2 - f f'')."""
-  return -2.0 * f * f1 / (2.0 * f1 * f1 - f * f2)
+  """Halley's correction -f/f' / (1 - f f'' / (2 f'^2)), its curvature factor kept in [1/2, 2].
+
+  The factor keeps the Newton direction (which is right for a monotone f) when f'' is large.
+  """
+  newton = -f / f1
+  half_l = jnp.clip(0.5 * f * f2 / (f1 * f1), -1.0, 0.5)
+  return newton / (1.0 - half_l)
 
 
 def halley_update(state: _State, mom, target, bounds: Bounds) -> _State:
@@ -145,10 +165,15 @@ def halley_update(state: _State, mom, target, bounds: Bounds) -> _State:
   u2 = (du - g * g * h2) / deficit - u1 * u1
   g_high = g * jnp.exp(_halley(u, u1, u2))
 
-  proposal = jnp.where(too_high, g_high, g_low)
+  # Near convergence the two transforms can disagree in sign at rounding level; a step against the
+  # side the iterate is on is such noise, so the iterate stays.
+  proposal = jnp.where(too_high, jnp.maximum(g_high, g), jnp.minimum(g_low, g))
   inside = (proposal >= lo) & (proposal <= hi) & jnp.isfinite(proposal)
   bisect = jnp.where(lo > 0, jnp.sqrt(lo * hi), 0.5 * hi)
-  gamma = jnp.where(inside, proposal, bisect)
+  # A row whose entropy is on target to rounding keeps its γ: rounding noise must not bisect it away.
+  eps = jnp.finfo(g.dtype).eps
+  converged = jnp.abs(mom.entropy - target) <= 8.0 * eps * jnp.maximum(bounds.log_n, 1.0)
+  gamma = jnp.where(converged, g, jnp.where(inside, proposal, bisect))
   return _State(gamma, lo, hi, mom.mean)
 
 
@@ -170,7 +195,7 @@ def _solve_loop(d, valid, target, num_iters):
   bounds = entropy_bounds(stats, d.dtype)
   target = _clamped_target(target, bounds)
   gamma0, gamma_lo = initial_gamma(stats, bounds, target)
-  state = _State(gamma0, gamma_lo, bounds.gamma_hi, stats.mean)
+  state = _State(gamma0, gamma_lo, bounds.gamma_hi, initial_center(stats, bounds, target))
 
   def body(_, state):
     mom = row_moments(d, valid, state.gamma, state.center, stats.n_ties)
