@@ -202,8 +202,8 @@ def _solve_loop(d, valid, target, num_iters):
     return halley_update(state, mom, target, bounds)
 
   state = jax.lax.fori_loop(0, num_iters, body, state)
-  gamma = jnp.where(target >= bounds.log_n, 0.0, state.gamma)
-  gamma = jnp.where(target <= bounds.log_m, bounds.gamma_hi, gamma)
+  gamma = jnp.where(target <= bounds.log_m, bounds.gamma_hi, state.gamma)
+  gamma = jnp.where(target >= bounds.log_n, 0.0, gamma)  # also all-tied rows (log m = log n)
   gamma = jnp.where(stats.n_valid > 0, gamma, 0.0)
   # A valid NaN makes the row maximum NaN; propagate it to γ (and so to the row's output).
   return jnp.where(jnp.isnan(stats.mean), jnp.nan, gamma)

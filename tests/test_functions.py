@@ -1,0 +1,274 @@
+"""Tests of the public entropy-normalization functions against float64 references."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import float64, tolerance
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from jax.test_util import check_grads
+
+import entnorm_jax as en
+
+
+def np_entropy(q):
+  """Float64 entropy of probabilities along the last axis (0 log 0 = 0)."""
+  q = np.asarray(q, np.float64)
+  safe = np.where(q > 0, q, 1.0)
+  return -np.sum(np.where(q > 0, q * np.log(safe), 0.0), axis=-1)
+
+
+def seed_reference(p, target, iters=10):
+  """The seed's NumPy iteration (method.md), verbatim in float64."""
+  p = np.array(p, np.float64)
+  for _ in range(iters):
+    h = -(p * np.log(p)).sum()
+    gamma = 1 + (target - h) / (h**2 - (p * np.log(p) ** 2).sum())
+    p = p**gamma
+    p /= p.sum()
+  return p
+
+
+def families(rng, rows, n):
+  """The logits battery: Gaussian scales, log-uniform, Gumbel, Zipf-like, near-ties."""
+  out = {f"gauss{s}": s * rng.normal(size=(rows, n)) for s in (0.1, 1.0, 10.0)}
+  out["loguniform"] = np.log(rng.random((rows, n)))
+  out["gumbel"] = rng.gumbel(size=(rows, n))
+  zipf = -1.1 * np.log(np.arange(1, n + 1))
+  out["zipf"] = np.stack([rng.permutation(zipf) for _ in range(rows)])
+  near = 1e-3 * rng.normal(size=(rows, n))
+  k = min(3, n)
+  near[:, :k] = 5.0 + 1e-4 * rng.normal(size=(rows, k))
+  out["near_ties"] = near
+  return out
+
+
+FRACTIONS = np.array([0.01, 0.05, 0.2, 0.5, 0.8, 0.95, 0.99, 0.999])
+
+
+@pytest.mark.parametrize("n", [2, 7, 100, 4096, 262144])
+def test_accuracy_battery_float32(rng, n):
+  rows = 2 if n > 10000 else 8
+  worst = 0.0
+  for name, x in families(rng, rows, n).items():
+    x = jnp.asarray(x, jnp.float32)
+    # Every row gets every target fraction: [len(FRACTIONS) * rows, n] in one call.
+    xs = jnp.tile(x, (len(FRACTIONS), 1))
+    targets = np.repeat(FRACTIONS, rows) * np.log(n)
+    q = en.entropy_softmax(xs, jnp.asarray(targets, jnp.float32))
+    err = np.abs(np_entropy(q) - targets)
+    worst = max(worst, err.max())
+    assert err.max() <= 2e-4, (name, err.max())
+  assert worst > 0.0  # the comparison really ran
+
+
+def test_accuracy_float64(x64, rng):
+  for x in families(rng, 4, 1000).values():
+    targets = np.repeat(FRACTIONS, 4) * np.log(1000)
+    xs = jnp.asarray(np.tile(x, (len(FRACTIONS), 1)))
+    q = en.entropy_softmax(xs, jnp.asarray(targets))
+    assert q.dtype == jnp.float64
+    np.testing.assert_allclose(np_entropy(q), targets, atol=1e-10)
+
+
+def test_seed_example_matches_numpy_reference():
+  p = np.random.default_rng(0).random(100)
+  p /= p.sum()
+  target = np.log(30)
+  ref = seed_reference(p, target)
+  q = en.entropy_normalize(jnp.asarray(p, jnp.float32), target)
+  np.testing.assert_allclose(np.asarray(q, np.float64), ref, atol=1e-6)
+  assert abs(np_entropy(q) - target) <= 2e-4
+  with float64():
+    q64 = en.entropy_normalize(jnp.asarray(p), target)
+    np.testing.assert_allclose(np.asarray(q64), ref, atol=1e-12)
+
+
+def test_matches_softmax_with_solved_gamma(rng):
+  x = jnp.asarray(rng.normal(size=(6, 50)), jnp.float32)
+  gamma = en.solve_gamma(x, 2.0)
+  assert gamma.shape == (6,)
+  q = en.entropy_softmax(x, 2.0)
+  np.testing.assert_allclose(q, jax.nn.softmax(gamma[:, None] * x), atol=1e-6)
+  np.testing.assert_allclose(
+      en.entropy_log_softmax(x, 2.0), jax.nn.log_softmax(gamma[:, None] * x), atol=1e-5
+  )
+  np.testing.assert_allclose(en.entropy(jnp.log(q)), 2.0, atol=2e-4)
+
+
+def test_entropy_function(rng):
+  x = rng.normal(size=(3, 9))
+  np.testing.assert_allclose(en.entropy(jnp.asarray(x)), np_entropy(jax.nn.softmax(x)), atol=1e-5)
+  mask = rng.random((3, 9)) > 0.4
+  mask[:, 0] = True
+  ref = [np_entropy(jax.nn.softmax(x[i][mask[i]])) for i in range(3)]
+  np.testing.assert_allclose(en.entropy(jnp.asarray(x), where=mask), ref, atol=1e-5)
+  assert float(en.entropy(jnp.full(4, -jnp.inf))) == 0.0
+
+
+def test_per_row_targets_and_relative(rng):
+  x = jnp.asarray(rng.normal(size=(4, 30)), jnp.float32)
+  targets = jnp.array([0.3, 1.0, 2.0, 3.0])
+  np.testing.assert_allclose(np_entropy(en.entropy_softmax(x, targets)), targets, atol=2e-4)
+  mask = np.ones((4, 30), bool)
+  mask[:, 10:] = np.arange(4)[:, None] < 2  # rows 2, 3 have 10 valid entries, rows 0, 1 have 30
+  q = en.entropy_softmax(x, 0.5, where=mask, relative=True)
+  n_valid = mask.sum(-1)
+  np.testing.assert_allclose(np_entropy(q), 0.5 * np.log(n_valid), atol=2e-4)
+  assert np.all(np.asarray(q)[~mask] == 0.0)
+
+
+def test_masked_equals_sliced(rng):
+  x = rng.normal(size=(5, 40)).astype(np.float32)
+  mask = np.zeros((5, 40), bool)
+  mask[:, 3:25] = True
+  q_masked = en.entropy_softmax(jnp.asarray(x), 1.5, where=mask)
+  q_sliced = en.entropy_softmax(jnp.asarray(x[:, 3:25]), 1.5)
+  np.testing.assert_allclose(q_masked[:, 3:25], q_sliced, atol=1e-6)
+  assert np.all(np.asarray(q_masked)[:, ~mask[0]] == 0.0)
+  # -inf logits are masked exactly like where=False.
+  x_inf = np.where(mask, x, -np.inf)
+  np.testing.assert_allclose(en.entropy_softmax(jnp.asarray(x_inf), 1.5), q_masked, atol=1e-6)
+
+
+@pytest.mark.parametrize("axis", [0, 1, -1])
+def test_moveaxis_equivalence(rng, axis):
+  x = jnp.asarray(rng.normal(size=(3, 4, 5)), jnp.float32)
+  q = en.entropy_softmax(x, 1.0, axis=axis)
+  q_last = en.entropy_softmax(jnp.moveaxis(x, axis, -1), 1.0)
+  np.testing.assert_allclose(jnp.moveaxis(q, axis, -1), q_last, atol=1e-6)
+  g = en.solve_gamma(x, 1.0, axis=axis)
+  assert g.shape == tuple(np.delete(x.shape, axis))
+
+
+def test_edges_uniform_argmax_empty_constant():
+  x = jnp.array(
+      [
+          [0.3, 1.2, -0.5, 2.0],  # target above log n: uniform
+          [2.0, 2.0, 1.0, -1.0],  # target below log 2 (two tied maxima): uniform over the argmax set
+          [1.0, 1.0, 1.0, 1.0],  # constant: uniform whatever the target
+          [-jnp.inf] * 4,  # nothing valid: zeros
+      ],
+      jnp.float32,
+  )
+  targets = jnp.array([5.0, 0.1, 0.2, 1.0])
+  q = np.asarray(en.entropy_softmax(x, targets))
+  np.testing.assert_allclose(q[0], 0.25, atol=1e-7)
+  np.testing.assert_allclose(q[1], [0.5, 0.5, 0.0, 0.0], atol=1e-7)
+  np.testing.assert_allclose(q[2], 0.25, atol=1e-7)
+  np.testing.assert_array_equal(q[3], 0.0)
+  gamma = np.asarray(en.solve_gamma(x, targets))
+  assert gamma[0] == 0.0 and gamma[2] == 0.0 and gamma[3] == 0.0 and np.isfinite(gamma[1])
+  assert not np.any(np.isnan(q))
+  lq = np.asarray(en.entropy_log_softmax(x, targets))
+  assert np.all(lq[3] == -np.inf) and np.all(np.isfinite(lq[0]))
+
+
+def test_nan_propagates_to_its_row_only():
+  x = jnp.array([[0.1, jnp.nan, 0.3], [0.5, 0.2, -1.0]])
+  q = np.asarray(en.entropy_softmax(x, 0.5))
+  assert np.all(np.isnan(q[0]))
+  assert not np.any(np.isnan(q[1]))
+  # A NaN under a False mask is ignored.
+  q_masked = en.entropy_softmax(x, 0.5, where=jnp.array([True, False, True]))
+  assert not np.any(np.isnan(np.asarray(q_masked)))
+
+
+def test_entropy_normalize_keeps_zeros_and_order(rng):
+  p = rng.random(20)
+  p[[3, 7, 11]] = 0.0
+  p /= p.sum()
+  q = np.asarray(en.entropy_normalize(jnp.asarray(p, jnp.float32), 1.2))
+  assert np.all(q[[3, 7, 11]] == 0.0)
+  assert abs(np_entropy(q) - 1.2) <= 2e-4
+  nz = p > 0
+  assert np.array_equal(np.argsort(p[nz], kind="stable"), np.argsort(q[nz], kind="stable"))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    data=st.lists(
+        st.floats(-20, 20, allow_nan=False, width=32), min_size=2, max_size=24
+    ),
+    frac=st.floats(0.0, 1.2),
+)
+def test_property_order_range_and_sum(data, frac):
+  x = np.asarray(data, np.float32)
+  n = len(x)
+  q = np.asarray(_jit_rel(jnp.asarray(_pad(x)), frac, n))[:n]
+  assert np.all(np.isfinite(q)) and np.all(q >= 0)
+  assert abs(q.sum() - 1.0) <= 1e-5
+  # Order preserved; ties stay ties (exactly).
+  for i, j in [(i, j) for i in range(n) for j in range(n)]:
+    if x[i] > x[j]:
+      assert q[i] >= q[j]
+    elif x[i] == x[j]:
+      assert q[i] == q[j]
+  # Entropy lands on the clamped target.
+  m = np.sum(x == x.max())
+  target = np.clip(frac * np.log(n), np.log(m), np.log(n))
+  assert abs(np_entropy(q) - target) <= 2e-4 or (frac * np.log(n) <= np.log(m) + 1e-3)
+
+
+_PAD = 24
+
+
+def _pad(x):
+  return np.concatenate([x, np.full(_PAD - len(x), -np.inf, np.float32)])
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _jit_rel(x, frac, n):
+  # n_valid comes from the -inf padding, so relative=True uses log(n).
+  del n
+  return en.entropy_softmax(x, frac, relative=True)
+
+
+def test_dtypes_in_equal_dtypes_out(rng):
+  x = rng.normal(size=(3, 17))
+  for dtype in (jnp.bfloat16, jnp.float16, jnp.float32):
+    q = en.entropy_softmax(jnp.asarray(x, dtype), 1.3)
+    assert q.dtype == dtype
+    assert en.solve_gamma(jnp.asarray(x, dtype), 1.3).dtype == dtype
+    assert abs(np_entropy(q) - 1.3).max() <= 10 * tolerance(dtype)
+  with float64():
+    q = en.entropy_softmax(jnp.asarray(x), 1.3)
+    assert q.dtype == jnp.float64
+
+
+def test_static_misuse_raises_with_shapes():
+  x = jnp.ones((3, 5))
+  with pytest.raises(ValueError, match=r"\(4,\)"):
+    en.entropy_softmax(x, jnp.ones(4))
+  with pytest.raises(ValueError, match=r"where of shape \(2, 5\)"):
+    en.entropy_softmax(x, 1.0, where=jnp.ones((2, 5), bool))
+  with pytest.raises(ValueError, match="axis 2 is out of bounds"):
+    en.entropy_softmax(x, 1.0, axis=2)
+  with pytest.raises(ValueError, match="num_iters"):
+    en.entropy_softmax(x, 1.0, num_iters=-1)
+
+
+def test_cross_entropy_matches_definition(rng):
+  x = jnp.asarray(rng.normal(size=(4, 10)), jnp.float32)
+  labels = jax.nn.softmax(jnp.asarray(rng.normal(size=(4, 10)), jnp.float32))
+  loss = en.entropy_softmax_cross_entropy(x, labels, 1.1)
+  ref = -(labels * en.entropy_log_softmax(x, 1.1)).sum(-1)
+  np.testing.assert_allclose(loss, ref, rtol=1e-6)
+  mask = jnp.arange(10) < 6
+  loss_m = en.entropy_softmax_cross_entropy(x, labels * mask, 1.1, where=mask)
+  assert np.all(np.isfinite(np.asarray(loss_m)))
+
+
+def test_jit_vmap_compose(rng):
+  x = jnp.asarray(rng.normal(size=(5, 3, 16)), jnp.float32)
+  t = jnp.asarray(rng.uniform(0.5, 2.5, size=(5, 3)), jnp.float32)
+  direct = en.entropy_softmax(x, t)
+  for in_axes in (0, 1):
+    xs, ts = jnp.moveaxis(x, 0, in_axes), jnp.moveaxis(t, 0, in_axes)
+    out = jax.jit(jax.vmap(en.entropy_softmax, in_axes=(in_axes, in_axes), out_axes=in_axes))(xs, ts)
+    np.testing.assert_allclose(jnp.moveaxis(out, in_axes, 0), direct, atol=1e-6)

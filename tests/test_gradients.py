@@ -1,0 +1,149 @@
+"""Derivatives: implicit (custom_jvp) against finite differences and unrolled autodiff."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+import entnorm_jax as en
+from entnorm_jax._src.moments import row_moments, shift_rows
+
+
+@pytest.fixture
+def logits64(x64, rng):
+  return jnp.asarray(rng.normal(size=(3, 7)))
+
+
+def test_check_grads_logits_and_target(logits64):
+  targets = jnp.array([0.4, 1.0, 1.6])
+  f = jax.jit(lambda x, t: en.entropy_softmax(x, t) * jnp.arange(1.0, 8.0))
+  check_grads(f, (logits64, targets), order=2, modes=("fwd", "rev"), atol=1e-6, rtol=1e-6)
+  g = jax.jit(lambda x, t: en.solve_gamma(x, t))
+  check_grads(g, (logits64, targets), order=2, modes=("fwd", "rev"), atol=1e-6, rtol=1e-6)
+  h = jax.jit(lambda x, t: en.entropy_log_softmax(x, t, where=jnp.arange(7) != 3))
+  check_grads(h, (logits64, targets), order=1, modes=("fwd", "rev"), atol=1e-6, rtol=1e-6)
+
+
+def test_central_differences_on_target(logits64):
+  loss = jax.jit(lambda t: jnp.sum(en.entropy_softmax(logits64, t) ** 2 * jnp.arange(7.0)))
+  for t in (0.3, 1.0, 1.7):
+    eps = 1e-5
+    fd = (loss(t + eps) - loss(t - eps)) / (2 * eps)
+    np.testing.assert_allclose(jax.grad(loss)(t), fd, rtol=1e-6)
+
+
+def _unrolled_gamma(d, target, gamma0, iters):
+  """Plain Newton on H(γ) = target, differentiated by autodiff through every iteration."""
+  valid = jnp.ones_like(d, bool)
+  n_ties = jnp.sum(d == 0, -1).astype(d.dtype)
+  gamma = gamma0
+  for _ in range(iters):
+    mom = row_moments(d, valid, gamma, jnp.zeros_like(gamma), n_ties)
+    gamma = gamma + (mom.entropy - target) / (gamma * mom.var)
+  return gamma
+
+
+def test_implicit_matches_unrolled_autodiff(logits64):
+  target = jnp.array([0.8, 1.2, 1.5])
+  d, _ = shift_rows(logits64, jnp.ones_like(logits64, bool))
+  gamma0 = jax.lax.stop_gradient(en.solve_gamma(logits64, target)) * 0.97
+
+  def loss_unrolled(x, t):
+    d, _ = shift_rows(x, jnp.ones_like(x, bool))
+    return jnp.sum(jnp.sin(_unrolled_gamma(d, t, gamma0, 30)))
+
+  loss_implicit = lambda x, t: jnp.sum(jnp.sin(en.solve_gamma(x, t)))
+  for argnum in (0, 1):
+    g_imp = jax.grad(loss_implicit, argnum)(logits64, target)
+    g_unr = jax.grad(loss_unrolled, argnum)(logits64, target)
+    np.testing.assert_allclose(g_imp, g_unr, rtol=1e-8, atol=1e-10)
+  del d
+
+
+def test_jacobians_and_hessian(logits64):
+  x = logits64[0]
+  f = lambda x: en.entropy_softmax(x, 1.2)
+  jf, jr = jax.jacfwd(f)(x), jax.jacrev(f)(x)
+  np.testing.assert_allclose(jf, jr, atol=1e-12)
+  np.testing.assert_allclose(jf.sum(0), 0.0, atol=1e-12)  # outputs always sum to 1
+  np.testing.assert_allclose(jf.sum(1), 0.0, atol=1e-12)  # shift invariance
+  hess = jax.hessian(lambda x: en.entropy_softmax(x, 1.2)[0])(x)
+  np.testing.assert_allclose(hess, hess.T, atol=1e-10)
+  assert np.all(np.isfinite(hess))
+
+
+def test_masked_and_edge_gradients_are_zero_not_nan(x64):
+  x = jnp.array(
+      [
+          [0.5, -1.0, 2.0, 0.1],
+          [-jnp.inf, -jnp.inf, -jnp.inf, -jnp.inf],  # all masked
+          [1.0, 1.0, 1.0, 1.0],  # constant
+          [0.3, -0.2, 1.1, 0.4],  # target clamped above log n
+      ]
+  )
+  targets = jnp.array([0.7, 0.5, 0.5, 3.0])
+  where = jnp.array([True, True, False, True])
+  weights = jnp.arange(1.0, 5.0)
+  loss = lambda x, t: jnp.sum(en.entropy_softmax(x, t, where=where) * weights)
+  gx, gt = jax.grad(loss, (0, 1))(x, targets)
+  assert np.all(np.isfinite(gx)) and np.all(np.isfinite(gt))
+  np.testing.assert_array_equal(gx[:, 2], 0.0)  # masked column
+  np.testing.assert_array_equal(gx[1:], 0.0)  # empty, constant and clamped rows do not move
+  np.testing.assert_array_equal(gt[1:], 0.0)
+  # Probabilities: zeros in, zero gradient out (no 0 * inf).
+  p = jnp.array([0.5, 0.0, 0.3, 0.2])
+  gp = jax.grad(lambda p: en.entropy_normalize(p, 0.6)[0])(p)
+  assert np.all(np.isfinite(gp)) and gp[1] == 0.0
+
+
+def test_argmax_edge_gradient_finite(x64):
+  x = jnp.array([2.0, 0.5, -1.0])
+  g = jax.grad(lambda x, t: en.entropy_softmax(x, t)[0], (0, 1))(x, 0.0)
+  assert all(np.all(np.isfinite(a)) for a in g)
+  np.testing.assert_allclose(g[0], 0.0, atol=1e-12)
+
+
+def test_bf16_gradient_runs():
+  x = jax.random.normal(jax.random.key(3), (4, 32), jnp.bfloat16)
+  g = jax.jit(jax.grad(lambda x: jnp.sum(en.entropy_softmax(x, 1.5)[:, 0].astype(jnp.float32))))(x)
+  assert g.dtype == jnp.bfloat16 and np.all(np.isfinite(np.asarray(g, np.float32)))
+
+
+_SHARDING_SCRIPT = textwrap.dedent(
+    """
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    import entnorm_jax as en
+    assert jax.device_count() == 8, jax.devices()
+    x = jax.random.normal(jax.random.key(0), (16, 256))
+    t = jnp.linspace(0.5, 5.0, 16)
+    ref_q = en.entropy_softmax(x, t)
+    ref_g = jax.grad(lambda x: jnp.sum(en.entropy_softmax(x, t) ** 2))(x)
+    mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("batch", "model"))
+    for spec in (P("batch", None), P(None, "model"), P("batch", "model")):
+      xs = jax.device_put(x, NamedSharding(mesh, spec))
+      ts = jax.device_put(t, NamedSharding(mesh, P(spec[0])))
+      q = jax.jit(en.entropy_softmax)(xs, ts)
+      g = jax.jit(jax.grad(lambda x: jnp.sum(en.entropy_softmax(x, ts) ** 2)))(xs)
+      np.testing.assert_allclose(q, ref_q, atol=1e-6)
+      np.testing.assert_allclose(g, ref_g, atol=1e-5)
+    print("sharding ok")
+    """
+)
+
+
+def test_sharded_inputs_match_one_device():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  out = subprocess.run(
+      [sys.executable, "-c", _SHARDING_SCRIPT], env=env, capture_output=True, text=True, timeout=300
+  )
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "sharding ok" in out.stdout
