@@ -1,0 +1,544 @@
+"""Entropy-normalized attention over key blocks, without the N×N score matrix.
+
+For a query row with scaled scores ``s_j`` over its valid keys, the output is
+
+    o = Σ_j P_j v_j,      P = softmax(γ* s),      H(P) = H_target,
+
+and a per-row γ* is the same as scaling that query row by γ*, so once γ* is known the output is
+ordinary online-softmax attention. Every statistic the solver needs can be accumulated over key
+blocks at a fixed shift (the row maximum, found in the first pass):
+
+1. one pass for the row maximum and the exponential-free :class:`RowStats` (count, ties at the
+   maximum, gap below it, spread, plain mean and variance merged with Chan's formula);
+2. per solver iteration one pass accumulating ``S_k = Σ e_j y_j^k`` (k = 0..3, ``e = exp(γ d)``,
+   ``d = s - max s``, ``y = d - c``) exactly as :func:`entnorm_jax._src.moments.row_moments` does
+   for a whole row, followed by the core's per-row :func:`halley_update`;
+3. a final pass accumulating ``o``, the mean ``m`` and variance ``V`` of ``d`` under P, and
+   ``w = Σ_j P_j (d_j - m) v_j``.
+
+The backward pass recomputes score blocks as flash attention does. With ``u = γ s``,
+``du_j = P_j (dO·v_j - dO·o)`` is the plain softmax cotangent; the implicit derivative of γ*
+(``∂γ*/∂s_j = -γ* P_j (d_j - m) / V``, ``∂γ*/∂H_t = -1 / (γ* V)``) adds a rank-one term whose
+row coefficient ``dγ = Σ_j du_j d_j = dO·w`` is known before the pass, so
+
+    ds_j = γ* (du_j - (dγ / V) P_j (d_j - m)),       dH_t = -dγ / (γ* V).
+
+The block updates below are shared by the pure-JAX engine in this module and the Pallas kernels.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from entnorm_jax._src.moments import Moments, RowStats
+from entnorm_jax._src.solver import _State, entropy_bounds, halley_update, initial_gamma
+
+
+class Config(NamedTuple):
+  """Static settings of one attention call (hashable: used as a jit/custom_vjp static)."""
+
+  is_causal: bool
+  scale: float
+  relative: bool
+  num_iters: int
+  block_q: int
+  block_k: int
+  interpret: bool = False
+
+
+class Rows(NamedTuple):
+  """Per-query-row results of the forward pass, each ``[batch, heads, q_len]``.
+
+  Attributes:
+    zmax: row maximum of the valid scores (0 for a row with no valid key).
+    gamma: γ* of the row.
+    denom: ``l = Σ_j exp(γ* d_j)``, the softmax denominator at the fixed shift.
+    mean: ``m = E_P[d]``.
+    var: ``V = Var_P[d]``.
+    free: whether the target lies strictly inside (log m, log n), so γ* moves with it.
+    log_n: log of the number of valid keys (the scale of a relative target).
+  """
+
+  zmax: jax.Array
+  gamma: jax.Array
+  denom: jax.Array
+  mean: jax.Array
+  var: jax.Array
+  free: jax.Array
+  log_n: jax.Array
+
+
+def compute_dtype(dtype) -> np.dtype:
+  """float32 statistics for 16-bit and float32 inputs, float64 for float64."""
+  return np.dtype(jnp.promote_types(dtype, jnp.float32))
+
+
+def precision_for(dtype):
+  """Full-precision matmuls for float32/float64 (no TF32 on GPUs); default for 16-bit inputs."""
+  return jax.lax.Precision.HIGHEST if np.dtype(dtype).itemsize >= 4 else None
+
+
+def block_valid(q_pos, k_pos, q_ok, k_ok, mask, is_causal: bool) -> jax.Array:
+  """Validity of a ``[..., bq, bk]`` score block from row/column flags, a mask and causality.
+
+  Args:
+    q_pos: ``[bq]`` query positions; k_pos: ``[bk]`` key positions.
+    q_ok: ``[..., bq]`` valid query rows; k_ok: ``[..., bk]`` valid keys.
+    mask: ``None`` or a boolean block broadcastable to ``[..., bq, bk]``.
+    is_causal: keep only keys at or before the query position (top-left aligned, as in
+      ``jax.nn.dot_product_attention``).
+  """
+  valid = q_ok[..., :, None] & k_ok[..., None, :]
+  if is_causal:
+    valid = valid & (k_pos[None, :] <= q_pos[:, None])
+  if mask is not None:
+    valid = valid & mask
+  return valid
+
+
+# ----------------------------------------------------------------------------------------------
+# Pass 1: row maximum and exponential-free statistics.
+
+
+class StatsAcc(NamedTuple):
+  """Running exponential-free statistics of the raw scores of each row."""
+
+  top: jax.Array  # running maximum
+  ties: jax.Array  # count equal to it
+  below: jax.Array  # largest valid value below it
+  low: jax.Array  # running minimum
+  count: jax.Array
+  mean: jax.Array
+  m2: jax.Array  # Σ (s - mean)^2
+
+
+def stats_init(shape, dtype) -> StatsAcc:
+  zeros = jnp.zeros(shape, dtype)
+  return StatsAcc(zeros - jnp.inf, zeros, zeros - jnp.inf, zeros + jnp.inf, zeros, zeros, zeros)
+
+
+def stats_update(acc: StatsAcc, s: jax.Array, valid: jax.Array) -> StatsAcc:
+  """Merges a ``[..., bk]`` block of scores into the running statistics (Chan's update)."""
+  masked = jnp.where(valid, s, -jnp.inf)
+  top = jnp.maximum(acc.top, jnp.max(masked, axis=-1))
+  at_top = valid & (s == top[..., None])
+  ties = jnp.where(acc.top == top, acc.ties, 0.0) + jnp.sum(jnp.where(at_top, 1.0, 0.0), axis=-1)
+  block_below = jnp.max(jnp.where(valid & ~at_top, s, -jnp.inf), axis=-1)
+  below = jnp.maximum(
+    jnp.maximum(acc.below, block_below), jnp.where(acc.top < top, acc.top, -jnp.inf)
+  )
+  low = jnp.minimum(acc.low, jnp.min(jnp.where(valid, s, jnp.inf), axis=-1))
+  n_b = jnp.sum(jnp.where(valid, 1.0, 0.0), axis=-1)
+  mean_b = jnp.sum(jnp.where(valid, s, 0.0), axis=-1) / jnp.maximum(n_b, 1.0)
+  m2_b = jnp.sum(jnp.where(valid, jnp.square(s - mean_b[..., None]), 0.0), axis=-1)
+  count = acc.count + n_b
+  frac = n_b / jnp.maximum(count, 1.0)
+  delta = mean_b - acc.mean
+  mean = acc.mean + delta * frac
+  m2 = acc.m2 + m2_b + delta * delta * acc.count * frac
+  return StatsAcc(top, ties, below, low, count, mean, m2)
+
+
+def stats_finalize(acc: StatsAcc) -> tuple[jax.Array, RowStats]:
+  """Row maxima and the core's :class:`RowStats` of ``d = s - max s`` (as ``row_stats``)."""
+  has = acc.count > 0
+  zmax = jnp.where(has, acc.top, 0.0)
+  gap = jnp.where(has & jnp.isfinite(acc.below), acc.top - acc.below, jnp.inf)
+  spread = jnp.where(has, acc.top - acc.low, 0.0)
+  mean = jnp.where(has, acc.mean - zmax, 0.0)
+  var = acc.m2 / jnp.maximum(acc.count, 1.0)
+  return zmax, RowStats(acc.count, acc.ties, gap, spread, mean, var)
+
+
+# ----------------------------------------------------------------------------------------------
+# Solver passes: the sums of row_moments, accumulated over blocks.
+
+
+class MomentAcc(NamedTuple):
+  s0: jax.Array
+  s1: jax.Array
+  s2: jax.Array
+  s3: jax.Array
+  top: jax.Array  # this pass's running maximum of the scores
+  at_top: jax.Array  # mass at it
+  rest: jax.Array  # mass below it (off the argmax set)
+
+
+def moments_init(shape, dtype) -> MomentAcc:
+  zeros = jnp.zeros(shape, dtype)
+  return MomentAcc(zeros, zeros, zeros, zeros, zeros - jnp.inf, zeros, zeros)
+
+
+def _shifted(s, zmax):
+  # The clamp guards d <= 0 if a recomputed block rounds differently from pass 1.
+  return jnp.minimum(s - zmax[..., None], 0.0)
+
+
+def moments_update(acc: MomentAcc, s, valid, zmax, gamma, center) -> MomentAcc:
+  """Adds a block's ``S_k = Σ e y^k`` (``e = exp(γ d)``, ``y = d - c``) to the running sums.
+
+  The mass off the argmax set is split from the mass at this pass's own running maximum, so it
+  does not depend on recomputed blocks being bitwise equal to those of the first pass.
+  """
+  d = _shifted(s, zmax)
+  e = jnp.where(valid, jnp.exp(gamma[..., None] * d), 0.0)
+  y = jnp.where(valid, d - center[..., None], 0.0)
+  ey = e * y
+  top = jnp.maximum(acc.top, jnp.max(jnp.where(valid, s, -jnp.inf), axis=-1))
+  at = s == top[..., None]
+  mass_at = jnp.sum(jnp.where(at, e, 0.0), axis=-1)
+  promoted = acc.top < top  # the previous maximum's mass is now off the argmax set
+  return MomentAcc(
+      acc.s0 + jnp.sum(e, axis=-1),
+      acc.s1 + jnp.sum(ey, axis=-1),
+      acc.s2 + jnp.sum(ey * y, axis=-1),
+      acc.s3 + jnp.sum(ey * y * y, axis=-1),
+      top,
+      jnp.where(promoted, 0.0, acc.at_top) + mass_at,
+      acc.rest + jnp.sum(jnp.where(at, 0.0, e), axis=-1) + jnp.where(promoted, acc.at_top, 0.0),
+  )
+
+
+def moments_finalize(acc: MomentAcc, gamma, center, n_ties) -> Moments:
+  """:class:`Moments` from accumulated sums; the same closing formulas as ``row_moments``."""
+  a1 = acc.s1 / acc.s0
+  a2 = acc.s2 / acc.s0
+  a3 = acc.s3 / acc.s0
+  mean = center + a1
+  var = jnp.maximum(a2 - a1 * a1, 0.0)
+  third = a3 - 3.0 * a1 * a2 + 2.0 * a1 * a1 * a1
+  entropy = jnp.log(acc.s0) - gamma * mean
+  excess = jnp.log1p(acc.rest / jnp.maximum(n_ties, 1.0)) - gamma * mean
+  return Moments(entropy, mean, var, third, excess)
+
+
+def solve_rows(stats_pass: Callable, moments_pass: Callable, target, relative: bool, num_iters):
+  """The core's solve (``solver._solve_loop``) driven by blockwise passes.
+
+  Args:
+    stats_pass: ``() -> (zmax, RowStats)``.
+    moments_pass: ``(gamma, center, zmax, n_ties) -> Moments``.
+    target: per-row target (nats, or a fraction of log n with ``relative``).
+    relative: read ``target`` as a fraction of log(n_valid).
+    num_iters: number of Halley iterations.
+
+  Returns:
+    ``(zmax, gamma, center, free, log_n)`` per row; ``center`` is the last iterate's mean, a good
+    centring point for the final pass.
+  """
+  zmax, stats = stats_pass()
+  target = jax.lax.stop_gradient(target)
+  bounds = entropy_bounds(stats, zmax.dtype)
+  if relative:
+    target = target * bounds.log_n
+  clamped = jnp.clip(target, bounds.log_m, bounds.log_n)
+  gamma0, gamma_lo = initial_gamma(stats, bounds, clamped)
+  state = _State(gamma0, gamma_lo, bounds.gamma_hi, stats.mean)
+
+  def body(_, state):
+    mom = moments_pass(state.gamma, state.center, zmax, stats.n_ties)
+    return halley_update(state, mom, clamped, bounds)
+
+  state = jax.lax.fori_loop(0, num_iters, body, state)
+  gamma = jnp.where(clamped >= bounds.log_n, 0.0, state.gamma)
+  gamma = jnp.where(clamped <= bounds.log_m, bounds.gamma_hi, gamma)
+  gamma = jnp.where(stats.n_valid > 0, gamma, 0.0)
+  gamma = jnp.where(jnp.isnan(stats.mean), jnp.nan, gamma)
+  free = (target > bounds.log_m) & (target < bounds.log_n)
+  return zmax, gamma, state.center, free, bounds.log_n
+
+
+# ----------------------------------------------------------------------------------------------
+# Final pass: online-softmax attention at the solved γ, plus the moments the backward pass needs.
+
+
+class OutAcc(NamedTuple):
+  denom: jax.Array
+  s1: jax.Array
+  s2: jax.Array
+  out: jax.Array  # Σ p v
+  cov: jax.Array  # Σ p y v
+
+
+def out_init(shape, dim, dtype) -> OutAcc:
+  zeros = jnp.zeros(shape, dtype)
+  vec = jnp.zeros((*shape, dim), dtype)
+  return OutAcc(zeros, zeros, zeros, vec, vec)
+
+
+def out_update(acc: OutAcc, s, valid, zmax, gamma, center, pv: Callable) -> OutAcc:
+  """Adds a block to the output sums; ``pv(weights)`` contracts ``[..., bq, bk]`` weights with
+  the block's values into ``[..., bq, dim]``."""
+  d = _shifted(s, zmax)
+  p = jnp.where(valid, jnp.exp(gamma[..., None] * d), 0.0)
+  y = jnp.where(valid, d - center[..., None], 0.0)
+  py = p * y
+  return OutAcc(
+    acc.denom + jnp.sum(p, axis=-1),
+    acc.s1 + jnp.sum(py, axis=-1),
+    acc.s2 + jnp.sum(py * y, axis=-1),
+    acc.out + pv(p),
+    acc.cov + pv(py),
+  )
+
+
+def out_finalize(acc: OutAcc, center):
+  """``(o, w, mean, var)``: output, ``w = Σ P (d - m) v``, and the mean/variance of d under P."""
+  inv = jnp.where(acc.denom > 0, 1.0 / jnp.where(acc.denom > 0, acc.denom, 1.0), 0.0)
+  a1 = acc.s1 * inv
+  out = acc.out * inv[..., None]
+  cov = acc.cov * inv[..., None] - a1[..., None] * out
+  var = jnp.maximum(acc.s2 * inv - a1 * a1, 0.0)
+  return out, cov, jnp.where(acc.denom > 0, center + a1, 0.0), var
+
+
+def grad_block(s, valid, zmax, gamma, inv_denom, mean, coef, delta, dp):
+  """``(ds, P)`` of a block: ``ds = γ (du - coef P (d - m))``, ``du = P (dp - delta)``.
+
+  ``dp = dO·v_j`` of the block, ``delta = dO·o`` and ``coef = dγ / V`` per row.
+  """
+  d = _shifted(s, zmax)
+  p = jnp.where(valid, jnp.exp(gamma[..., None] * d), 0.0) * inv_denom[..., None]
+  du = p * (dp - delta[..., None])
+  ds = gamma[..., None] * (du - coef[..., None] * p * (d - mean[..., None]))
+  return ds, p
+
+
+# ----------------------------------------------------------------------------------------------
+# The custom_vjp shared by the blockwise and Pallas engines.
+
+
+class Engine(NamedTuple):
+  """``forward(cfg, q, k, v, target, q_ok, k_ok, mask) -> (o, w, Rows)`` (``o``, ``w`` as
+  ``[batch, q_len, heads, dim]`` in the compute dtype, Rows ``[batch, heads, q_len]``) and
+  ``backward(cfg, q, k, v, q_ok, k_ok, mask, rows, coef, delta, do) -> (dq, dk, dv)``."""
+
+  forward: Callable
+  backward: Callable
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def attention_vjp(engine: Engine, cfg: Config, q, k, v, target, q_ok, k_ok, mask):
+  """Entropy-normalized attention with a flash-style backward pass (see the module docstring)."""
+  out, _, _ = engine.forward(cfg, q, k, v, target, q_ok, k_ok, mask)
+  return out.astype(q.dtype)
+
+
+def _attention_fwd(engine, cfg, q, k, v, target, q_ok, k_ok, mask):
+  out, cov, rows = engine.forward(cfg, q, k, v, target, q_ok, k_ok, mask)
+  return out.astype(q.dtype), (q, k, v, target, q_ok, k_ok, mask, out, cov, rows)
+
+
+def _attention_bwd(engine, cfg, res, d_out):
+  q, k, v, target, q_ok, k_ok, mask, out, cov, rows = res
+  d_out = d_out.astype(out.dtype)
+  delta = jnp.einsum("bqhd,bqhd->bhq", d_out, out)
+  d_gamma = jnp.einsum("bqhd,bqhd->bhq", d_out, cov)
+  denom = rows.gamma * rows.var
+  free = rows.free & (denom > 0)
+  coef = jnp.where(free, d_gamma / jnp.where(free, rows.var, 1.0), 0.0)
+  d_target = jnp.where(free, -d_gamma / jnp.where(free, denom, 1.0), 0.0)
+  if cfg.relative:
+    d_target = d_target * rows.log_n
+  dq, dk, dv = engine.backward(cfg, q, k, v, q_ok, k_ok, mask, rows, coef, delta, d_out)
+  return (
+    dq.astype(q.dtype),
+    dk.astype(k.dtype),
+    dv.astype(v.dtype),
+    d_target.astype(target.dtype),
+    None,
+    None,
+    None,
+  )
+
+
+attention_vjp.defvjp(_attention_fwd, _attention_bwd)
+
+
+# ----------------------------------------------------------------------------------------------
+# The pure-JAX engine: lax.map over query blocks, fori_loop over key blocks.
+
+
+def pad_axis(x, axis: int, size: int, value=0):
+  """Pads ``x`` along ``axis`` to ``size`` (no-op for a broadcast axis of length 1)."""
+  if x.shape[axis] in (1, size):
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, size - x.shape[axis])
+  return jnp.pad(x, widths, constant_values=value)
+
+
+def num_key_blocks(cfg: Config, q_start, n_k: int):
+  """Key blocks a query block starting at ``q_start`` sees (a traced count when causal)."""
+  if not cfg.is_causal:
+    return n_k
+  return jnp.minimum(n_k, (q_start + cfg.block_q + cfg.block_k - 1) // cfg.block_k)
+
+
+class _Padded(NamedTuple):
+  q: jax.Array  # [B, nq*bq, Hk, G, D]
+  k: jax.Array  # [B, nk*bk, Hk, D]
+  v: jax.Array
+  q_ok: jax.Array  # [B, nq*bq]
+  k_ok: jax.Array  # [B, nk*bk]
+  mask: jax.Array | None  # [Bm, Hk|1, G|1, nq*bq|1, nk*bk|1]
+
+
+def _pad_inputs(cfg: Config, q, k, v, q_ok, k_ok, mask) -> _Padded:
+  batch, q_len, heads, dim = q.shape
+  kv_heads = k.shape[2]
+  tq = -(-q_len // cfg.block_q) * cfg.block_q
+  tk = -(-k.shape[1] // cfg.block_k) * cfg.block_k
+  dtype = compute_dtype(q.dtype)
+  q = pad_axis(q.astype(dtype), 1, tq).reshape(batch, tq, kv_heads, heads // kv_heads, dim)
+  k = pad_axis(k.astype(dtype), 1, tk)
+  v = pad_axis(v.astype(dtype), 1, tk)
+  if mask is not None:
+    m_heads = mask.shape[1]
+    groups = (kv_heads, heads // kv_heads) if m_heads == heads else (1, 1)
+    mask = pad_axis(pad_axis(mask, 2, tq, False), 3, tk, False)
+    mask = mask.reshape(mask.shape[0], *groups, *mask.shape[2:])
+  return _Padded(q, k, v, pad_axis(q_ok, 1, tq, False), pad_axis(k_ok, 1, tk, False), mask)
+
+
+def _query_block(cfg: Config, x: _Padded, start):
+  """Closures over one query block: its scores per key block, and its slices."""
+  bq, bk = cfg.block_q, cfg.block_k
+  qb = jax.lax.dynamic_slice_in_dim(x.q, start, bq, axis=1)
+  q_ok = jax.lax.dynamic_slice_in_dim(x.q_ok, start, bq, axis=1)[:, None, None, :]
+  q_pos = start + jnp.arange(bq)
+  mask = x.mask
+  if mask is not None and mask.shape[3] > 1:
+    mask = jax.lax.dynamic_slice_in_dim(mask, start, bq, axis=3)
+  prec = precision_for(x.q.dtype)
+
+  def scores(j):
+    k_start = j * bk
+    kb = jax.lax.dynamic_slice_in_dim(x.k, k_start, bk, axis=1)
+    s = jnp.einsum("bqhgd,bkhd->bhgqk", qb, kb, precision=prec) * cfg.scale
+    k_ok = jax.lax.dynamic_slice_in_dim(x.k_ok, k_start, bk, axis=1)[:, None, None, :]
+    m = mask
+    if m is not None and m.shape[4] > 1:
+      m = jax.lax.dynamic_slice_in_dim(m, k_start, bk, axis=4)
+    return s, block_valid(q_pos, k_start + jnp.arange(bk), q_ok, k_ok, m, cfg.is_causal), kb
+
+  return qb, scores
+
+
+def _rows_to_bhq(x, batch, heads):
+  """``[nq, B, Hk, G, bq]`` stacked blocks to ``[B, H, nq*bq]``."""
+  return jnp.moveaxis(x, 0, 3).reshape(batch, heads, -1)
+
+
+def _vec_to_bqhd(x, batch, heads):
+  """``[nq, B, Hk, G, bq, D]`` stacked blocks to ``[B, nq*bq, H, D]``."""
+  x = jnp.moveaxis(x, 0, 3)  # B, Hk, G, nq, bq, D
+  x = x.reshape(batch, heads, -1, x.shape[-1])
+  return jnp.swapaxes(x, 1, 2)
+
+
+def _blockwise_forward(cfg: Config, q, k, v, target, q_ok, k_ok, mask):
+  batch, q_len, heads, dim = q.shape
+  x = _pad_inputs(cfg, q, k, v, q_ok, k_ok, mask)
+  kv_heads, groups = x.q.shape[2], x.q.shape[3]
+  n_q, n_k = x.q.shape[1] // cfg.block_q, x.k.shape[1] // cfg.block_k
+  dtype = x.q.dtype
+  target = pad_axis(jnp.asarray(target, dtype), 2, n_q * cfg.block_q)
+  target = target.reshape(batch, kv_heads, groups, -1)
+  row_shape = (batch, kv_heads, groups, cfg.block_q)
+  prec = precision_for(dtype)
+
+  def one_block(i):
+    start = i * cfg.block_q
+    _, scores = _query_block(cfg, x, start)
+    hi = num_key_blocks(cfg, start, n_k)
+    tgt = jax.lax.dynamic_slice_in_dim(target, start, cfg.block_q, axis=3)
+
+    def stats_pass():
+      def body(j, acc):
+        s, valid, _ = scores(j)
+        return stats_update(acc, s, valid)
+
+      return stats_finalize(jax.lax.fori_loop(0, hi, body, stats_init(row_shape, dtype)))
+
+    def moments_pass(gamma, center, zmax, n_ties):
+      def body(j, acc):
+        s, valid, _ = scores(j)
+        return moments_update(acc, s, valid, zmax, gamma, center)
+
+      acc = jax.lax.fori_loop(0, hi, body, moments_init(row_shape, dtype))
+      return moments_finalize(acc, gamma, center, n_ties)
+
+    zmax, gamma, center, free, log_n = solve_rows(
+      stats_pass, moments_pass, tgt, cfg.relative, cfg.num_iters
+    )
+
+    def out_body(j, acc):
+      s, valid, _ = scores(j)
+      vb = jax.lax.dynamic_slice_in_dim(x.v, j * cfg.block_k, cfg.block_k, axis=1)
+      pv = lambda w: jnp.einsum("bhgqk,bkhd->bhgqd", w, vb, precision=prec)
+      return out_update(acc, s, valid, zmax, gamma, center, pv)
+
+    acc = jax.lax.fori_loop(0, hi, out_body, out_init(row_shape, dim, dtype))
+    out, cov, mean, var = out_finalize(acc, center)
+    return out, cov, Rows(zmax, gamma, acc.denom, mean, var, free, log_n)
+
+  out, cov, rows = jax.lax.map(one_block, jnp.arange(n_q))
+  rows = Rows(*(_rows_to_bhq(r, batch, heads)[:, :, :q_len] for r in rows))
+  out = _vec_to_bqhd(out, batch, heads)[:, :q_len]
+  cov = _vec_to_bqhd(cov, batch, heads)[:, :q_len]
+  return out, cov, rows
+
+
+def _blockwise_backward(cfg: Config, q, k, v, q_ok, k_ok, mask, rows: Rows, coef, delta, d_out):
+  batch, q_len, heads, dim = q.shape
+  x = _pad_inputs(cfg, q, k, v, q_ok, k_ok, mask)
+  kv_heads, groups = x.q.shape[2], x.q.shape[3]
+  n_q, n_k = x.q.shape[1] // cfg.block_q, x.k.shape[1] // cfg.block_k
+  tq, bq, bk = n_q * cfg.block_q, cfg.block_q, cfg.block_k
+  dtype = x.q.dtype
+  prec = precision_for(dtype)
+  d_out = pad_axis(d_out.astype(dtype), 1, tq).reshape(x.q.shape)
+  inv_denom = jnp.where(rows.denom > 0, 1.0 / jnp.where(rows.denom > 0, rows.denom, 1.0), 0.0)
+  per_row = (rows.zmax, rows.gamma, inv_denom, rows.mean, coef, delta)
+  per_row = [pad_axis(r.astype(dtype), 2, tq).reshape(batch, kv_heads, groups, tq) for r in per_row]
+
+  def one_block(carry, i):
+    start = i * bq
+    qb, scores = _query_block(cfg, x, start)
+    dob = jax.lax.dynamic_slice_in_dim(d_out, start, bq, axis=1)
+    row = [jax.lax.dynamic_slice_in_dim(r, start, bq, axis=3) for r in per_row]
+
+    def body(j, state):
+      dq, dk, dv = state
+      s, valid, kb = scores(j)
+      vb = jax.lax.dynamic_slice_in_dim(x.v, j * bk, bk, axis=1)
+      dp = jnp.einsum("bqhgd,bkhd->bhgqk", dob, vb, precision=prec)
+      ds, p = grad_block(s, valid, *row, dp)
+      dq = dq + jnp.einsum("bhgqk,bkhd->bqhgd", ds, kb, precision=prec) * cfg.scale
+      dk_j = jnp.einsum("bhgqk,bqhgd->bkhd", ds, qb, precision=prec) * cfg.scale
+      dv_j = jnp.einsum("bhgqk,bqhgd->bkhd", p, dob, precision=prec)
+      add = lambda acc, upd: jax.lax.dynamic_update_slice_in_dim(
+        acc, jax.lax.dynamic_slice_in_dim(acc, j * bk, bk, axis=1) + upd, j * bk, axis=1
+      )
+      return dq, add(dk, dk_j), add(dv, dv_j)
+
+    hi = num_key_blocks(cfg, start, n_k)
+    dq, dk, dv = jax.lax.fori_loop(0, hi, body, (jnp.zeros_like(qb), *carry))
+    return (dk, dv), dq
+
+  (dk, dv), dq = jax.lax.scan(
+    one_block, (jnp.zeros_like(x.k), jnp.zeros_like(x.v)), jnp.arange(n_q)
+  )
+  dq = jnp.moveaxis(dq, 0, 1).reshape(batch, tq, heads, dim)[:, :q_len]
+  kv_len = k.shape[1]
+  return dq, dk[:, :kv_len], dv[:, :kv_len]
+
+
+BLOCKWISE = Engine(_blockwise_forward, _blockwise_backward)

@@ -1,0 +1,370 @@
+"""Entropy-normalized dot-product attention shared by the Linen and NNX modules.
+
+Each query row of the attention matrix gets a prescribed Shannon entropy: with logits
+``s_k = q·k_k / sqrt(d) + b_k`` over the keys the query may see (``mask`` True, causal),
+
+    a = softmax(γ* · s),      γ* >= 0 such that H(a) = -Σ_k a_k log a_k = H_target,
+
+and the output is ``Σ_k a_k v_k``. With ``relative=True`` the target is a fraction ``r`` of the
+largest entropy the row can have, ``H_target = r · log(n_valid)``, so causal rows, padded rows and
+different sequence lengths all get a comparable target. γ* comes from the core solver
+(:func:`entnorm_jax.entropy_softmax`) and is differentiated implicitly, so gradients reach the
+logits and the target (``∂γ*/∂H_t = -1 / (γ* Var_a[s])``) without going through the iterations.
+
+The functions accept exactly the keyword arguments Flax passes to an ``attention_fn`` (Linen filters
+them by signature, NNX passes ``mask, dropout_rng, dropout_rate, broadcast_dropout, deterministic,
+dtype, precision, module, is_causal``), so they are drop-in replacements for
+``flax.linen.dot_product_attention`` and ``flax.nnx.dot_product_attention``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen, nnx
+from jax.typing import ArrayLike
+
+from entnorm_jax._src.functions import entropy_softmax
+
+IMPLEMENTATIONS = ("xla", "blockwise", "pallas")
+
+
+def _einsum(einsum: Callable[..., jax.Array] | None, precision):
+  return einsum if einsum is not None else functools.partial(jnp.einsum, precision=precision)
+
+
+def _promote(*arrays: jax.Array, dtype) -> tuple[jax.Array, ...]:
+  dtype = jnp.result_type(*arrays) if dtype is None else dtype
+  return tuple(jnp.asarray(a, dtype) for a in arrays)
+
+
+def _check_shapes(query: jax.Array, key: jax.Array, value: jax.Array | None = None) -> None:
+  arrays = (query, key) if value is None else (query, key, value)
+  shapes = ", ".join(str(a.shape) for a in arrays)
+  if any(a.ndim != query.ndim for a in arrays) or query.ndim < 3:
+    raise ValueError(f"query, key(, value) must have the same rank >= 3, got shapes {shapes}")
+  if any(a.shape[:-3] != query.shape[:-3] for a in arrays):
+    raise ValueError(f"query, key(, value) batch dimensions must match, got shapes {shapes}")
+  if query.shape[-1] != key.shape[-1]:
+    raise ValueError(f"query and key depths must match, got shapes {shapes}")
+  if value is not None and (key.shape[-3:-1] != value.shape[-3:-1]):
+    raise ValueError(f"key and value lengths and heads must match, got shapes {shapes}")
+  if query.shape[-2] % key.shape[-2]:
+    raise ValueError(
+      f"query heads ({query.shape[-2]}) must be a multiple of key/value heads "
+      f"({key.shape[-2]}) for grouped-query attention"
+    )
+
+
+def attention_target(target_entropy: ArrayLike, num_heads: int) -> jax.Array:
+  """The target as an array broadcastable to ``[batch..., num_heads, q_length]``.
+
+  Args:
+    target_entropy: a scalar, one value per head (shape ``[num_heads]``), or an array broadcastable
+      to ``[batch..., num_heads, q_length]``.
+    num_heads: number of query heads.
+
+  Returns:
+    An array (cast to the solve's dtype later): scalars stay scalars, per-head values get shape
+    ``[num_heads, 1]``.
+
+  Raises:
+    ValueError: if a one-dimensional target does not have ``num_heads`` entries.
+  """
+  target = jnp.asarray(target_entropy)
+  if target.ndim == 1:
+    if target.shape[0] not in (1, num_heads):
+      raise ValueError(
+        f"a per-head target_entropy needs {num_heads} values (one per head), got shape "
+        f"{target.shape}"
+      )
+    target = target[:, None]
+  return target
+
+
+def _valid_mask(
+  mask: ArrayLike | None, is_causal: bool, shape: tuple[int, ...]
+) -> jax.Array | None:
+  """Boolean mask of the keys each query may see (``None``: all of them)."""
+  valid = None if mask is None else jnp.asarray(mask).astype(bool)
+  if is_causal:
+    q_len, kv_len = shape[-2:]
+    causal = jnp.tril(jnp.ones((q_len, kv_len), bool))
+    valid = causal if valid is None else valid & causal
+  return valid
+
+
+def _row_entropy_softmax(logits, valid, target, relative, num_iters):
+  """:func:`entropy_softmax` over the last axis, with the rows flattened to one batch axis.
+
+  XLA on CPU compiles the solver's row reductions several times slower for a 4-D
+  ``[batch, heads, q, k]`` array than for ``[rows, k]``, so the rows are flattened first.
+  """
+  shape = logits.shape
+  rows = (math.prod(shape[:-1]), shape[-1])
+  if valid is not None:
+    valid = jnp.broadcast_to(valid, shape).reshape(rows)
+  target = jnp.broadcast_to(target, shape[:-1]).reshape(rows[:1])
+  logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32)).reshape(rows)
+  weights = entropy_softmax(logits, target, where=valid, relative=relative, num_iters=num_iters)
+  return weights.reshape(shape)
+
+
+def _sow(module, weights: jax.Array) -> None:
+  if isinstance(module, linen.Module):
+    module.sow("intermediates", "attention_weights", weights)
+  else:
+    module.sow(nnx.Intermediate, "attention_weights", weights)
+
+
+def entropy_attention_weights(
+  query: ArrayLike,
+  key: ArrayLike,
+  bias: ArrayLike | None = None,
+  mask: ArrayLike | None = None,
+  broadcast_dropout: bool = True,
+  dropout_rng: jax.Array | None = None,
+  dropout_rate: float = 0.0,
+  deterministic: bool = False,
+  dtype=None,
+  precision=None,
+  module=None,
+  *,
+  force_fp32_for_softmax: bool = False,
+  is_causal: bool = False,
+  target_entropy: ArrayLike = 0.5,
+  relative: bool = True,
+  num_iters: int | None = None,
+  einsum: Callable[..., jax.Array] | None = None,
+) -> jax.Array:
+  """Entropy-normalized attention weights: every query row has entropy ``target_entropy``.
+
+  Like ``flax.linen.dot_product_attention_weights`` with the softmax replaced by
+  ``softmax(γ*·s)`` (γ* per row, solved in float32 or float64) so that each row has the target
+  entropy. Masked keys (``mask`` False, above the diagonal with ``is_causal``, or ``-inf`` logits)
+  get weight exactly 0 and are excluded from ``n_valid`` and from the entropy; a query with no
+  visible key gets all-zero weights (Flax's softmax would spread it uniformly). Grouped-query
+  attention (fewer key heads than query heads) is supported.
+
+  Args:
+    query: ``[batch..., q_length, num_heads, depth]``.
+    key: ``[batch..., kv_length, num_kv_heads, depth]``; ``num_heads % num_kv_heads == 0``.
+    bias: optional additive bias broadcastable to ``[batch..., num_heads, q_length, kv_length]``.
+    mask: optional boolean mask broadcastable to ``[batch..., num_heads, q_length, kv_length]``.
+    broadcast_dropout: share the dropout pattern across batch and heads.
+    dropout_rng: PRNG key for dropout.
+    dropout_rate: dropout probability on the weights (applied after normalization).
+    deterministic: disables dropout.
+    dtype: dtype of the computation (default: promoted from the inputs); the solve itself runs in
+      at least float32.
+    precision: ``jax.lax.Precision`` of the einsum.
+    module: Linen or NNX module to ``sow`` the weights into (``'intermediates'`` /
+      ``nnx.Intermediate``, name ``'attention_weights'``), or ``None``.
+    force_fp32_for_softmax: return the weights in float32 instead of ``dtype``.
+    is_causal: also mask keys after the query position (``tril``).
+    target_entropy: target in nats, or a fraction of ``log(n_valid)`` with ``relative=True``: a
+      scalar, one value per head (``[num_heads]``) or an array broadcastable to
+      ``[batch..., num_heads, q_length]``.
+    relative: read ``target_entropy`` as a fraction of each row's largest entropy.
+    num_iters: solver iterations (static); ``None`` for the core's default.
+    einsum: replacement for ``jnp.einsum`` in the query-key product (AQT hook).
+
+  Returns:
+    Weights ``[batch..., num_heads, q_length, kv_length]``.
+
+  Raises:
+    ValueError: for inconsistent shapes or a per-head target of the wrong length.
+  """
+  query, key = _promote(query, key, dtype=dtype)
+  _check_shapes(query, key)
+  dtype = query.dtype
+  *batch, q_len, heads, depth = query.shape
+  kv_heads = key.shape[-2]
+  group = heads // kv_heads
+  query = query / jnp.sqrt(depth).astype(dtype)
+  grouped = query.reshape(*batch, q_len, kv_heads, group, depth)
+  logits = _einsum(einsum, precision)("...qhgd,...khd->...hgqk", grouped, key)
+  logits = logits.reshape(*batch, heads, q_len, key.shape[-3])
+  if bias is not None:
+    logits = logits + bias
+  valid = _valid_mask(mask, is_causal, logits.shape)
+  target = attention_target(target_entropy, heads)
+  weights = _row_entropy_softmax(logits, valid, target, relative, num_iters)
+  if not force_fp32_for_softmax:
+    weights = weights.astype(dtype)
+  if module is not None:
+    _sow(module, weights)
+  if not deterministic and dropout_rate > 0.0:
+    keep_prob = 1.0 - dropout_rate
+    shape = (1,) * (weights.ndim - 2) + weights.shape[-2:] if broadcast_dropout else weights.shape
+    keep = jax.random.bernoulli(dropout_rng, keep_prob, shape)
+    weights = weights * (keep.astype(weights.dtype) / jnp.asarray(keep_prob, weights.dtype))
+  return weights
+
+
+def _kernel_attention(query, key, value, mask, is_causal, target, relative, num_iters, impl):
+  """Calls :func:`entnorm_jax.attention.entropy_attention` (one batch axis) on Flax's layout."""
+  from entnorm_jax.attention import entropy_attention
+
+  *batch, q_len, heads, _ = query.shape
+  rows = math.prod(batch)
+  target = jnp.broadcast_to(target, (*batch, heads, q_len)).reshape(rows, heads, q_len)
+  if mask is not None:
+    mask = jnp.asarray(mask).astype(bool)
+    if len(batch) != 1:
+      full = (*batch, heads, q_len, key.shape[-3])
+      mask = jnp.broadcast_to(mask, full).reshape(rows, *full[-3:])
+  out = entropy_attention(
+      *(x.reshape(rows, *x.shape[-3:]) for x in (query, key, value)),
+      target_entropy=target,
+      relative=relative,
+      mask=mask,
+      is_causal=is_causal,
+      implementation=impl,
+      num_iters=num_iters,
+  )
+  return out.reshape(*batch, q_len, heads, value.shape[-1])
+
+
+def entropy_dot_product_attention(
+  query: ArrayLike,
+  key: ArrayLike,
+  value: ArrayLike,
+  bias: ArrayLike | None = None,
+  mask: ArrayLike | None = None,
+  broadcast_dropout: bool = True,
+  dropout_rng: jax.Array | None = None,
+  dropout_rate: float = 0.0,
+  deterministic: bool = False,
+  dtype=None,
+  precision=None,
+  module=None,
+  *,
+  force_fp32_for_softmax: bool = False,
+  is_causal: bool = False,
+  qk_attn_weights_einsum: Callable[..., jax.Array] | None = None,
+  attn_weights_value_einsum: Callable[..., jax.Array] | None = None,
+  target_entropy: ArrayLike = 0.5,
+  relative: bool = True,
+  num_iters: int | None = None,
+  implementation: str = "xla",
+) -> jax.Array:
+  """Dot-product attention whose rows have a prescribed entropy; a drop-in ``attention_fn``.
+
+  ``out[q] = Σ_k a_qk v_k`` with ``a_q = softmax(γ*_q · s_q)``, ``s_qk = q·k / sqrt(depth) + b_qk``
+  and γ*_q >= 0 chosen so that ``H(a_q) = H_target`` (``relative=True``: ``r · log(n_valid)``).
+  See :func:`entropy_attention_weights` for masks, dropout, ``sow`` and grouped-query heads. Works
+  as ``attention_fn`` of ``flax.linen.MultiHeadDotProductAttention`` (which filters keywords by
+  signature) and of ``flax.nnx.MultiHeadAttention`` (which passes ``is_causal`` unfiltered).
+
+  Args:
+    query: ``[batch..., q_length, num_heads, depth]``.
+    key: ``[batch..., kv_length, num_kv_heads, depth]``.
+    value: ``[batch..., kv_length, num_kv_heads, v_depth]``.
+    bias, mask, broadcast_dropout, dropout_rng, dropout_rate, deterministic, dtype, precision,
+    module, force_fp32_for_softmax, is_causal: as in Flax's ``dot_product_attention``.
+    qk_attn_weights_einsum: replacement for ``jnp.einsum`` in the query-key product.
+    attn_weights_value_einsum: replacement for ``jnp.einsum`` in the weights-value product.
+    target_entropy: target in nats (``relative=False``) or as a fraction of ``log(n_valid)``: a
+      scalar, ``[num_heads]``, or broadcastable to ``[batch..., num_heads, q_length]``.
+    relative: read ``target_entropy`` as a fraction of each row's largest entropy.
+    num_iters: solver iterations (static); ``None`` for the core's default.
+    implementation: ``"xla"`` materializes the weights (all options supported); ``"blockwise"`` and
+      ``"pallas"`` call :func:`entnorm_jax.attention.entropy_attention`, which never forms the
+      full matrix (no bias, dropout, ``sow`` or einsum overrides there).
+
+  Returns:
+    ``[batch..., q_length, num_heads, v_depth]``.
+
+  Raises:
+    ValueError: for inconsistent shapes, an unknown ``implementation``, or an option the chosen
+      implementation does not support.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from entnorm_jax.linen import entropy_dot_product_attention
+    >>> q, k, v = jax.random.normal(jax.random.key(0), (3, 2, 5, 4, 8))
+    >>> entropy_dot_product_attention(q, k, v, target_entropy=0.5).shape
+    (2, 5, 4, 8)
+  """
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+  query, key, value = _promote(query, key, value, dtype=dtype)
+  _check_shapes(query, key, value)
+  if implementation != "xla":
+    unsupported = {
+      "bias": bias is not None,
+      "dropout": not deterministic and dropout_rate > 0.0,
+      "module (sow)": module is not None,
+      "einsum overrides": qk_attn_weights_einsum or attn_weights_value_einsum,
+    }
+    used = [name for name, on in unsupported.items() if on]
+    if used:
+      raise ValueError(f"implementation={implementation!r} does not support {', '.join(used)}")
+    target = attention_target(target_entropy, query.shape[-2])
+    return _kernel_attention(
+        query, key, value, mask, is_causal, target, relative, num_iters, implementation
+    )
+  weights = entropy_attention_weights(
+    query,
+    key,
+    bias,
+    mask,
+    broadcast_dropout,
+    dropout_rng,
+    dropout_rate,
+    deterministic,
+    dtype,
+    precision,
+    module,
+    force_fp32_for_softmax=force_fp32_for_softmax,
+    is_causal=is_causal,
+    target_entropy=target_entropy,
+    relative=relative,
+    num_iters=num_iters,
+    einsum=qk_attn_weights_einsum,
+  )
+  *batch, heads, q_len, kv_len = weights.shape
+  kv_heads = value.shape[-2]
+  grouped = weights.reshape(*batch, kv_heads, heads // kv_heads, q_len, kv_len)
+  out = _einsum(attn_weights_value_einsum, precision)("...hgqk,...khd->...qhgd", grouped, value)
+  return out.reshape(*batch, q_len, heads, value.shape[-1])
+
+
+def check_target(target_entropy, *, num_heads: int, relative: bool, learn: bool) -> np.ndarray:
+  """Validates a module's target and returns it as float32 of shape ``()`` or ``[num_heads]``.
+
+  Raises:
+    ValueError: for a target of the wrong shape or outside its range (relative: ``[0, 1]``,
+      learned relative: ``(0, 1)``; absolute: ``>= 0``, learned absolute: ``> 0``).
+  """
+  target = np.asarray(target_entropy, np.float32)
+  if target.ndim > 1 or (target.ndim == 1 and target.shape[0] != num_heads):
+    raise ValueError(
+      f"target_entropy must be a scalar or have shape ({num_heads},) (one per head), got shape "
+      f"{target.shape}"
+    )
+  low_ok = target > 0 if learn else target >= 0
+  high_ok = (target < 1 if learn else target <= 1) if relative else np.ones_like(low_ok)
+  if not np.all(low_ok & high_ok):
+    bounds = ("(0, 1)" if learn else "[0, 1]") if relative else ("> 0" if learn else ">= 0")
+    kind = "relative" if relative else "absolute"
+    raise ValueError(f"{kind} target_entropy must be {bounds}, got {target_entropy}")
+  return target
+
+
+def target_to_raw(target: np.ndarray, *, num_heads: int, relative: bool) -> np.ndarray:
+  """Inverse of :func:`raw_to_target`: the unconstrained per-head parameter for ``target``."""
+  target = np.broadcast_to(np.asarray(target, np.float64), (num_heads,))
+  raw = np.log(target) - np.log1p(-target) if relative else np.log(np.expm1(target))
+  return raw.astype(np.float32)
+
+
+def raw_to_target(raw: jax.Array, *, relative: bool) -> jax.Array:
+  """Smooth map from the parameter to a valid target: sigmoid (relative) or softplus (nats)."""
+  return jax.nn.sigmoid(raw) if relative else jax.nn.softplus(raw)

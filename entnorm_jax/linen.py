@@ -1,0 +1,233 @@
+"""Flax Linen attention with entropy-normalized rows.
+
+:func:`entropy_dot_product_attention` is a drop-in ``attention_fn`` for Flax's attention modules,
+and :class:`EntropyMultiHeadAttention` is a drop-in for ``flax.linen.MultiHeadDotProductAttention``
+(same attributes, same parameter tree when the target is fixed) whose attention rows all have a
+prescribed entropy: ``a_q = softmax(γ*_q · s_q)`` with ``H(a_q) = target`` for every query.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import warnings
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from flax.linen.module import merge_param
+
+from entnorm_jax._src.flax_attention import (
+    IMPLEMENTATIONS,
+    check_target,
+    raw_to_target,
+    target_to_raw,
+)
+from entnorm_jax._src.flax_attention import (
+    entropy_attention_weights as entropy_attention_weights,
+)
+from entnorm_jax._src.flax_attention import (
+    entropy_dot_product_attention as entropy_dot_product_attention,
+)
+
+__all__ = ["EntropyMultiHeadAttention", "entropy_attention_weights", "entropy_dot_product_attention"]
+
+
+class EntropyMultiHeadAttention(nn.MultiHeadDotProductAttention):
+  """Multi-head dot-product attention whose rows have a prescribed entropy.
+
+  A drop-in for ``flax.linen.MultiHeadDotProductAttention``: the same attributes and call
+  signature (masks, dropout, ``decode=True`` caching, ``normalize_qk``, ``sow_weights``), and with a
+  fixed target the same parameter tree, so checkpoints move between the two. Each attention row is
+  ``softmax(γ*·s)`` with γ* chosen so its entropy is the target (see
+  :func:`entropy_dot_product_attention`); the solve runs in float32 whatever ``dtype`` is.
+
+  Attributes:
+    target_entropy: a scalar or one value per head (a fraction of ``log(n_valid)`` with
+      ``relative=True``, else nats). With ``learn_target=True`` it is the initial value.
+    relative: read the target as a fraction of each row's largest entropy ``log(n_valid)``, so
+      causal, padded and differently long rows get comparable targets.
+    learn_target: make the per-head target a parameter ``'target_raw'`` of shape ``[num_heads]``,
+      mapped into its valid range by ``sigmoid`` (relative) or ``softplus`` (nats); its gradient is
+      the implicit derivative of the solve.
+    num_iters: solver iterations (static); ``None`` for the core's default.
+    implementation: ``"xla"`` (dense weights, every option) or ``"blockwise"`` / ``"pallas"``
+      (:func:`entnorm_jax.attention.entropy_attention`; no dropout, bias or ``sow``).
+    attention_fn: the attention function, called with Flax's keywords plus ``target_entropy``,
+      ``relative``, ``num_iters`` and ``implementation`` (each only if its signature accepts it).
+    The other attributes are those of ``flax.linen.MultiHeadDotProductAttention``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from entnorm_jax.linen import EntropyMultiHeadAttention
+    >>> layer = EntropyMultiHeadAttention(num_heads=2, qkv_features=8, target_entropy=0.5)
+    >>> x = jax.random.normal(jax.random.key(0), (3, 5, 8))
+    >>> variables = layer.init(jax.random.key(1), x)
+    >>> layer.apply(variables, x).shape
+    (3, 5, 8)
+  """
+
+  target_entropy: float | Sequence[float] = 0.5
+  relative: bool = True
+  learn_target: bool = False
+  num_iters: int | None = None
+  implementation: str = "xla"
+  attention_fn: Callable[..., jax.Array] = entropy_dot_product_attention
+
+  def _target(self) -> jax.Array:
+    """The per-head (or scalar) target, a parameter when ``learn_target``."""
+    target = check_target(
+        self.target_entropy,
+        num_heads=self.num_heads,
+        relative=self.relative,
+        learn=self.learn_target,
+    )
+    if not self.learn_target:
+      return jnp.asarray(target)
+    raw = target_to_raw(target, num_heads=self.num_heads, relative=self.relative)
+    raw = self.param("target_raw", lambda _: jnp.asarray(raw, self.param_dtype))
+    return raw_to_target(raw, relative=self.relative)
+
+  def _cached_kv(self, query, key, value, mask):
+    """Appends this step's key/value to the decode cache; returns them and the combined mask."""
+    initialized = self.has_variable("cache", "cached_key")
+    cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
+    cached_value = self.variable("cache", "cached_value", jnp.zeros, value.shape, value.dtype)
+    index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+    if not initialized:
+      return key, value, mask
+    *batch, max_length, heads, depth = cached_key.value.shape
+    if query.shape != (*batch, 1, heads, depth):
+      raise ValueError(
+          f"autoregressive cache expects a query of shape {(*batch, 1, heads, depth)}, got "
+          f"{query.shape}"
+      )
+    start = (0,) * len(batch) + (index.value, 0, 0)
+    key = jax.lax.dynamic_update_slice(cached_key.value, key, start)
+    value = jax.lax.dynamic_update_slice(cached_value.value, value, start)
+    cached_key.value, cached_value.value = key, value
+    seen = jnp.broadcast_to(jnp.arange(max_length) <= index.value, (*batch, 1, 1, max_length))
+    index.value = index.value + 1
+    return key, value, nn.combine_masks(mask, seen, dtype=bool)
+
+  @nn.compact
+  def __call__(
+      self,
+      inputs_q: jax.Array,
+      inputs_k: jax.Array | None = None,
+      inputs_v: jax.Array | None = None,
+      *,
+      inputs_kv: jax.Array | None = None,
+      mask: jax.Array | None = None,
+      deterministic: bool | None = None,
+      dropout_rng: jax.Array | None = None,
+      sow_weights: bool = False,
+  ) -> jax.Array:
+    """Applies entropy-normalized multi-head attention.
+
+    Args:
+      inputs_q: queries ``[batch..., q_length, features]``.
+      inputs_k: keys ``[batch..., kv_length, features]`` (default: ``inputs_q``).
+      inputs_v: values ``[batch..., kv_length, features]`` (default: ``inputs_k``).
+      inputs_kv: deprecated in Flax; keys and values at once.
+      mask: boolean ``[batch..., num_heads, q_length, kv_length]``; False keys are excluded.
+      deterministic: disables dropout (merged with the attribute as in Flax).
+      dropout_rng: dropout key (default: ``self.make_rng('dropout')``).
+      sow_weights: sow the attention weights into ``'intermediates'``.
+
+    Returns:
+      ``[batch..., q_length, out_features]``.
+
+    Raises:
+      ValueError: for inconsistent inputs, an unknown ``implementation``, or a bad target.
+    """
+    if self.implementation not in IMPLEMENTATIONS:
+      raise ValueError(
+          f"implementation must be one of {IMPLEMENTATIONS}, got {self.implementation!r}"
+      )
+    if inputs_kv is not None:
+      if inputs_k is not None or inputs_v is not None:
+        raise ValueError("pass either inputs_kv or inputs_k/inputs_v, not both")
+      warnings.warn("inputs_kv is deprecated; use inputs_k", DeprecationWarning, stacklevel=2)
+      inputs_k = inputs_kv
+    if inputs_k is None and inputs_v is not None:
+      raise ValueError("inputs_k cannot be None when inputs_v is given")
+    inputs_k = inputs_q if inputs_k is None else inputs_k
+    inputs_v = inputs_k if inputs_v is None else inputs_v
+
+    qkv_features = self.qkv_features or inputs_q.shape[-1]
+    if qkv_features % self.num_heads:
+      raise ValueError(
+          f"qkv_features ({qkv_features}) must be divisible by num_heads ({self.num_heads})"
+      )
+    dense = functools.partial(
+        nn.DenseGeneral,
+        axis=-1,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        features=(self.num_heads, qkv_features // self.num_heads),
+        kernel_init=self.kernel_init,
+        bias_init=self.bias_init,
+        use_bias=self.use_bias,
+        precision=self.precision,
+        dot_general=self.qkv_dot_general,
+        dot_general_cls=self.qkv_dot_general_cls,
+    )
+    query = dense(name="query")(inputs_q)
+    key = dense(name="key")(inputs_k)
+    value = dense(name="value")(inputs_v)
+    if self.normalize_qk:
+      norm = functools.partial(
+          nn.LayerNorm, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype
+      )
+      query = norm(name="query_ln")(query)
+      key = norm(name="key_ln")(key)
+    if self.decode:
+      key, value, mask = self._cached_kv(query, key, value, mask)
+
+    if self.dropout_rate > 0.0:
+      deterministic = merge_param("deterministic", self.deterministic, deterministic)
+      if not deterministic and dropout_rng is None:
+        dropout_rng = self.make_rng("dropout")
+    else:
+      deterministic = True
+
+    kwargs = dict(
+        mask=mask,
+        dropout_rng=dropout_rng,
+        dropout_rate=self.dropout_rate,
+        broadcast_dropout=self.broadcast_dropout,
+        deterministic=deterministic,
+        dtype=self.dtype,
+        precision=self.precision,
+        force_fp32_for_softmax=self.force_fp32_for_softmax,
+        qk_attn_weights_einsum=(
+            self.qk_attn_weights_einsum_cls() if self.qk_attn_weights_einsum_cls else None
+        ),
+        attn_weights_value_einsum=(
+            self.attn_weights_value_einsum_cls() if self.attn_weights_value_einsum_cls else None
+        ),
+        target_entropy=self._target(),
+        relative=self.relative,
+        num_iters=self.num_iters,
+        implementation=self.implementation,
+    )
+    accepted = inspect.signature(self.attention_fn).parameters
+    kwargs = {k: v for k, v in kwargs.items() if k in accepted}
+    if sow_weights:
+      kwargs["module"] = self
+    x = self.attention_fn(query, key, value, **kwargs)
+    return nn.DenseGeneral(
+        features=self.out_features or inputs_q.shape[-1],
+        axis=(-2, -1),
+        kernel_init=self.out_kernel_init or self.kernel_init,
+        bias_init=self.out_bias_init or self.bias_init,
+        use_bias=self.use_bias,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        precision=self.precision,
+        dot_general=self.out_dot_general,
+        dot_general_cls=self.out_dot_general_cls,
+        name="out",
+    )(x)

@@ -1,0 +1,213 @@
+"""Flax NNX attention with entropy-normalized rows.
+
+:class:`EntropyMultiHeadAttention` is a drop-in for ``flax.nnx.MultiHeadAttention`` (same
+constructor plus the target settings, same parameters when the target is fixed) whose attention rows
+all have a prescribed entropy. :func:`entropy_dot_product_attention` is the same function as in
+:mod:`entnorm_jax.linen` and works as the ``attention_fn`` of Flax's own NNX module too (it accepts
+the ``is_causal`` keyword NNX passes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from entnorm_jax._src.flax_attention import (
+    IMPLEMENTATIONS,
+    check_target,
+    raw_to_target,
+    target_to_raw,
+)
+from entnorm_jax._src.flax_attention import (
+    entropy_attention_weights as entropy_attention_weights,
+)
+from entnorm_jax._src.flax_attention import (
+    entropy_dot_product_attention as entropy_dot_product_attention,
+)
+
+__all__ = ["EntropyMultiHeadAttention", "entropy_attention_weights", "entropy_dot_product_attention"]
+
+
+class EntropyMultiHeadAttention(nnx.MultiHeadAttention):
+  """Multi-head attention whose rows have a prescribed entropy, for Flax NNX.
+
+  Constructed like ``flax.nnx.MultiHeadAttention`` (every argument is passed on) plus the target
+  settings; masks, ``is_causal``, dropout, ``decode`` caching (``init_cache``), grouped-query heads
+  (``num_kv_heads``) and ``sow_weights`` behave as there. With a fixed target the parameters are
+  exactly Flax's, so ``nnx.state(module, nnx.Param)`` moves between the two. Each attention row is
+  ``softmax(γ*·s)`` with entropy equal to the target, solved in float32 whatever ``dtype`` is.
+
+  Args:
+    num_heads: number of query heads.
+    in_features: input features.
+    *args: the remaining positional arguments of ``flax.nnx.MultiHeadAttention``.
+    target_entropy: a scalar or one value per head (a fraction of ``log(n_valid)`` with
+      ``relative=True``, else nats); the initial value when ``learn_target``.
+    relative: read the target as a fraction of each row's largest entropy.
+    learn_target: make the per-head target a parameter ``target_raw`` (``[num_heads]``) mapped
+      into range by ``sigmoid`` (relative) or ``softplus`` (nats).
+    num_iters: solver iterations (static); ``None`` for the core's default.
+    implementation: ``"xla"`` (dense weights) or ``"blockwise"`` / ``"pallas"``
+      (:func:`entnorm_jax.attention.entropy_attention`; no dropout, bias or ``sow``).
+    attention_fn: called with NNX's keywords plus ``target_entropy``, ``relative``,
+      ``num_iters`` and ``implementation``.
+    rngs: the ``nnx.Rngs`` for initialization (and dropout).
+    **kwargs: the remaining keyword arguments of ``flax.nnx.MultiHeadAttention``.
+
+  Raises:
+    ValueError: for a target of the wrong shape or range, or an unknown ``implementation``.
+
+  Examples:
+    >>> import jax
+    >>> from flax import nnx
+    >>> from entnorm_jax.nnx import EntropyMultiHeadAttention
+    >>> layer = EntropyMultiHeadAttention(num_heads=2, in_features=8, target_entropy=0.5,
+    ...                                   decode=False, rngs=nnx.Rngs(0))
+    >>> layer(jax.random.normal(jax.random.key(0), (3, 5, 8))).shape
+    (3, 5, 8)
+  """
+
+  def __init__(
+      self,
+      num_heads: int,
+      in_features: int,
+      *args,
+      target_entropy: float | Sequence[float] = 0.5,
+      relative: bool = True,
+      learn_target: bool = False,
+      num_iters: int | None = None,
+      implementation: str = "xla",
+      attention_fn: Callable[..., jax.Array] = entropy_dot_product_attention,
+      rngs: nnx.Rngs,
+      **kwargs,
+  ):
+    super().__init__(num_heads, in_features, *args, attention_fn=attention_fn, rngs=rngs, **kwargs)
+    if implementation not in IMPLEMENTATIONS:
+      raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+    target = check_target(target_entropy, num_heads=num_heads, relative=relative, learn=learn_target)
+    self.relative = relative
+    self.learn_target = learn_target
+    self.num_iters = num_iters
+    self.implementation = implementation
+    if learn_target:
+      raw = target_to_raw(target, num_heads=num_heads, relative=relative)
+      self.target_raw = nnx.Param(jnp.asarray(raw, self.param_dtype))
+      self.target_entropy = None
+    else:
+      self.target_entropy = target.tolist()  # static: a float or a list of floats
+
+  def target(self) -> jax.Array:
+    """The current target: a scalar or ``[num_heads]`` (relative fraction or nats)."""
+    if self.learn_target:
+      return raw_to_target(self.target_raw[...], relative=self.relative)
+    return jnp.asarray(self.target_entropy, jnp.float32)
+
+  def _cached_kv(self, key, value, mask):
+    """Appends this step's key/value to the decode cache; returns them and the combined mask."""
+    if self.cached_key is None or self.cached_value is None or self.cache_index is None:
+      raise ValueError("autoregressive cache not initialized: call init_cache first")
+    *batch, max_length, heads, depth = self.cached_key.shape
+    if key.shape != (*batch, 1, heads, depth):
+      raise ValueError(
+          f"autoregressive cache expects a key of shape {(*batch, 1, heads, depth)}, got "
+          f"{key.shape}"
+      )
+    index = self.cache_index[...]
+    start = (0,) * len(batch) + (index, 0, 0)
+    key = jax.lax.dynamic_update_slice(self.cached_key[...], key, start)
+    value = jax.lax.dynamic_update_slice(self.cached_value[...], value, start)
+    self.cached_key[...] = key
+    self.cached_value[...] = value
+    self.cache_index[...] = index + 1
+    seen = jnp.broadcast_to(jnp.arange(max_length) <= index, (*batch, 1, 1, max_length))
+    return key, value, nnx.combine_masks(mask, seen, dtype=bool)
+
+  def __call__(
+      self,
+      inputs_q: jax.Array,
+      inputs_k: jax.Array | None = None,
+      inputs_v: jax.Array | None = None,
+      *,
+      mask: jax.Array | None = None,
+      deterministic: bool | None = None,
+      rngs: nnx.Rngs | nnx.RngStream | None = None,
+      sow_weights: bool = False,
+      decode: bool | None = None,
+      is_causal: bool = False,
+      out_sharding=None,
+      qkv_sharding=None,
+  ) -> jax.Array:
+    """Applies entropy-normalized multi-head attention.
+
+    Args:
+      inputs_q: queries ``[batch..., q_length, in_features]``.
+      inputs_k: keys (default: ``inputs_q``).
+      inputs_v: values (default: ``inputs_k``).
+      mask: boolean ``[batch..., num_heads, q_length, kv_length]``; False keys are excluded.
+      deterministic: disables dropout (takes precedence over the attribute).
+      rngs: dropout rngs (default: those kept at construction).
+      sow_weights: sow the weights as ``nnx.Intermediate`` ``'attention_weights'``.
+      decode: use the autoregressive cache (takes precedence over the attribute; default False).
+      is_causal: also mask keys after each query position.
+      out_sharding: sharding of the output projection's result, as in Flax (if given).
+      qkv_sharding: sharding of the query/key/value projections' results (if given).
+
+    Returns:
+      ``[batch..., q_length, out_features]``.
+
+    Raises:
+      ValueError: for inconsistent inputs, a missing cache or missing dropout settings.
+    """
+    if inputs_k is None and inputs_v is not None:
+      raise ValueError("inputs_k cannot be None when inputs_v is given")
+    inputs_k = inputs_q if inputs_k is None else inputs_k
+    inputs_v = inputs_k if inputs_v is None else inputs_v
+    if inputs_q.shape[-1] != self.in_features:
+      raise ValueError(
+          f"inputs_q has {inputs_q.shape[-1]} features, the module expects {self.in_features}"
+      )
+    qkv = {} if qkv_sharding is None else {"out_sharding": qkv_sharding}
+    out = {} if out_sharding is None else {"out_sharding": out_sharding}
+    query = self.query(inputs_q, **qkv)
+    key = self.key(inputs_k, **qkv)
+    value = self.value(inputs_v, **qkv)
+    if self.normalize_qk:
+      query, key = self.query_ln(query), self.key_ln(key)
+    if decode if decode is not None else bool(self.decode):
+      key, value, mask = self._cached_kv(key, value, mask)
+
+    dropout_rng = None
+    if self.dropout_rate > 0.0:
+      deterministic = self.deterministic if deterministic is None else deterministic
+      if deterministic is None:
+        raise ValueError("dropout_rate > 0 needs `deterministic`, at construction or call")
+      if not deterministic:
+        rngs = self.rngs if rngs is None else rngs
+        if rngs is None:
+          raise ValueError("dropout needs `rngs` (at call, or kept at construction)")
+        dropout_rng = rngs.dropout() if isinstance(rngs, nnx.Rngs) else rngs()
+    else:
+      deterministic = True
+
+    x = self.attention_fn(
+        query,
+        key,
+        value,
+        mask=mask,
+        dropout_rng=dropout_rng,
+        dropout_rate=self.dropout_rate,
+        broadcast_dropout=self.broadcast_dropout,
+        deterministic=deterministic,
+        dtype=self.dtype,
+        precision=self.precision,
+        module=self if sow_weights else None,
+        is_causal=is_causal,
+        target_entropy=self.target(),
+        relative=self.relative,
+        num_iters=self.num_iters,
+        implementation=self.implementation,
+    )
+    return self.out(x, **out)
