@@ -19,19 +19,23 @@ from flax import linen as nn
 from flax.linen.module import merge_param
 
 from entnorm_jax._src.flax_attention import (
-    IMPLEMENTATIONS,
-    check_target,
-    raw_to_target,
-    target_to_raw,
+  IMPLEMENTATIONS,
+  check_target,
+  raw_to_target,
+  target_to_raw,
 )
 from entnorm_jax._src.flax_attention import (
-    entropy_attention_weights as entropy_attention_weights,
+  entropy_attention_weights as entropy_attention_weights,
 )
 from entnorm_jax._src.flax_attention import (
-    entropy_dot_product_attention as entropy_dot_product_attention,
+  entropy_dot_product_attention as entropy_dot_product_attention,
 )
 
-__all__ = ["EntropyMultiHeadAttention", "entropy_attention_weights", "entropy_dot_product_attention"]
+__all__ = [
+  "EntropyMultiHeadAttention",
+  "entropy_attention_weights",
+  "entropy_dot_product_attention",
+]
 
 
 class EntropyMultiHeadAttention(nn.MultiHeadDotProductAttention):
@@ -78,10 +82,10 @@ class EntropyMultiHeadAttention(nn.MultiHeadDotProductAttention):
   def _target(self) -> jax.Array:
     """The per-head (or scalar) target, a parameter when ``learn_target``."""
     target = check_target(
-        self.target_entropy,
-        num_heads=self.num_heads,
-        relative=self.relative,
-        learn=self.learn_target,
+      self.target_entropy,
+      num_heads=self.num_heads,
+      relative=self.relative,
+      learn=self.learn_target,
     )
     if not self.learn_target:
       return jnp.asarray(target)
@@ -100,8 +104,8 @@ class EntropyMultiHeadAttention(nn.MultiHeadDotProductAttention):
     *batch, max_length, heads, depth = cached_key.value.shape
     if query.shape != (*batch, 1, heads, depth):
       raise ValueError(
-          f"autoregressive cache expects a query of shape {(*batch, 1, heads, depth)}, got "
-          f"{query.shape}"
+        f"autoregressive cache expects a query of shape {(*batch, 1, heads, depth)}, got "
+        f"{query.shape}"
       )
     start = (0,) * len(batch) + (index.value, 0, 0)
     key = jax.lax.dynamic_update_slice(cached_key.value, key, start)
@@ -113,16 +117,16 @@ class EntropyMultiHeadAttention(nn.MultiHeadDotProductAttention):
 
   @nn.compact
   def __call__(
-      self,
-      inputs_q: jax.Array,
-      inputs_k: jax.Array | None = None,
-      inputs_v: jax.Array | None = None,
-      *,
-      inputs_kv: jax.Array | None = None,
-      mask: jax.Array | None = None,
-      deterministic: bool | None = None,
-      dropout_rng: jax.Array | None = None,
-      sow_weights: bool = False,
+    self,
+    inputs_q: jax.Array,
+    inputs_k: jax.Array | None = None,
+    inputs_v: jax.Array | None = None,
+    *,
+    inputs_kv: jax.Array | None = None,
+    mask: jax.Array | None = None,
+    deterministic: bool | None = None,
+    dropout_rng: jax.Array | None = None,
+    sow_weights: bool = False,
   ) -> jax.Array:
     """Applies entropy-normalized multi-head attention.
 
@@ -144,7 +148,7 @@ class EntropyMultiHeadAttention(nn.MultiHeadDotProductAttention):
     """
     if self.implementation not in IMPLEMENTATIONS:
       raise ValueError(
-          f"implementation must be one of {IMPLEMENTATIONS}, got {self.implementation!r}"
+        f"implementation must be one of {IMPLEMENTATIONS}, got {self.implementation!r}"
       )
     if inputs_kv is not None:
       if inputs_k is not None or inputs_v is not None:
@@ -159,27 +163,27 @@ class EntropyMultiHeadAttention(nn.MultiHeadDotProductAttention):
     qkv_features = self.qkv_features or inputs_q.shape[-1]
     if qkv_features % self.num_heads:
       raise ValueError(
-          f"qkv_features ({qkv_features}) must be divisible by num_heads ({self.num_heads})"
+        f"qkv_features ({qkv_features}) must be divisible by num_heads ({self.num_heads})"
       )
     dense = functools.partial(
-        nn.DenseGeneral,
-        axis=-1,
-        dtype=self.dtype,
-        param_dtype=self.param_dtype,
-        features=(self.num_heads, qkv_features // self.num_heads),
-        kernel_init=self.kernel_init,
-        bias_init=self.bias_init,
-        use_bias=self.use_bias,
-        precision=self.precision,
-        dot_general=self.qkv_dot_general,
-        dot_general_cls=self.qkv_dot_general_cls,
+      nn.DenseGeneral,
+      axis=-1,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      features=(self.num_heads, qkv_features // self.num_heads),
+      kernel_init=self.kernel_init,
+      bias_init=self.bias_init,
+      use_bias=self.use_bias,
+      precision=self.precision,
+      dot_general=self.qkv_dot_general,
+      dot_general_cls=self.qkv_dot_general_cls,
     )
     query = dense(name="query")(inputs_q)
     key = dense(name="key")(inputs_k)
     value = dense(name="value")(inputs_v)
     if self.normalize_qk:
       norm = functools.partial(
-          nn.LayerNorm, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype
+        nn.LayerNorm, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype
       )
       query = norm(name="query_ln")(query)
       key = norm(name="key_ln")(key)
@@ -194,24 +198,24 @@ class EntropyMultiHeadAttention(nn.MultiHeadDotProductAttention):
       deterministic = True
 
     kwargs = dict(
-        mask=mask,
-        dropout_rng=dropout_rng,
-        dropout_rate=self.dropout_rate,
-        broadcast_dropout=self.broadcast_dropout,
-        deterministic=deterministic,
-        dtype=self.dtype,
-        precision=self.precision,
-        force_fp32_for_softmax=self.force_fp32_for_softmax,
-        qk_attn_weights_einsum=(
-            self.qk_attn_weights_einsum_cls() if self.qk_attn_weights_einsum_cls else None
-        ),
-        attn_weights_value_einsum=(
-            self.attn_weights_value_einsum_cls() if self.attn_weights_value_einsum_cls else None
-        ),
-        target_entropy=self._target(),
-        relative=self.relative,
-        num_iters=self.num_iters,
-        implementation=self.implementation,
+      mask=mask,
+      dropout_rng=dropout_rng,
+      dropout_rate=self.dropout_rate,
+      broadcast_dropout=self.broadcast_dropout,
+      deterministic=deterministic,
+      dtype=self.dtype,
+      precision=self.precision,
+      force_fp32_for_softmax=self.force_fp32_for_softmax,
+      qk_attn_weights_einsum=(
+        self.qk_attn_weights_einsum_cls() if self.qk_attn_weights_einsum_cls else None
+      ),
+      attn_weights_value_einsum=(
+        self.attn_weights_value_einsum_cls() if self.attn_weights_value_einsum_cls else None
+      ),
+      target_entropy=self._target(),
+      relative=self.relative,
+      num_iters=self.num_iters,
+      implementation=self.implementation,
     )
     accepted = inspect.signature(self.attention_fn).parameters
     kwargs = {k: v for k, v in kwargs.items() if k in accepted}
@@ -219,15 +223,15 @@ class EntropyMultiHeadAttention(nn.MultiHeadDotProductAttention):
       kwargs["module"] = self
     x = self.attention_fn(query, key, value, **kwargs)
     return nn.DenseGeneral(
-        features=self.out_features or inputs_q.shape[-1],
-        axis=(-2, -1),
-        kernel_init=self.out_kernel_init or self.kernel_init,
-        bias_init=self.out_bias_init or self.bias_init,
-        use_bias=self.use_bias,
-        dtype=self.dtype,
-        param_dtype=self.param_dtype,
-        precision=self.precision,
-        dot_general=self.out_dot_general,
-        dot_general_cls=self.out_dot_general_cls,
-        name="out",
+      features=self.out_features or inputs_q.shape[-1],
+      axis=(-2, -1),
+      kernel_init=self.out_kernel_init or self.kernel_init,
+      bias_init=self.out_bias_init or self.bias_init,
+      use_bias=self.use_bias,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      precision=self.precision,
+      dot_general=self.out_dot_general,
+      dot_general_cls=self.out_dot_general_cls,
+      name="out",
     )(x)

@@ -16,19 +16,23 @@ import jax.numpy as jnp
 from flax import nnx
 
 from entnorm_jax._src.flax_attention import (
-    IMPLEMENTATIONS,
-    check_target,
-    raw_to_target,
-    target_to_raw,
+  IMPLEMENTATIONS,
+  check_target,
+  raw_to_target,
+  target_to_raw,
 )
 from entnorm_jax._src.flax_attention import (
-    entropy_attention_weights as entropy_attention_weights,
+  entropy_attention_weights as entropy_attention_weights,
 )
 from entnorm_jax._src.flax_attention import (
-    entropy_dot_product_attention as entropy_dot_product_attention,
+  entropy_dot_product_attention as entropy_dot_product_attention,
 )
 
-__all__ = ["EntropyMultiHeadAttention", "entropy_attention_weights", "entropy_dot_product_attention"]
+__all__ = [
+  "EntropyMultiHeadAttention",
+  "entropy_attention_weights",
+  "entropy_dot_product_attention",
+]
 
 
 class EntropyMultiHeadAttention(nnx.MultiHeadAttention):
@@ -71,23 +75,25 @@ class EntropyMultiHeadAttention(nnx.MultiHeadAttention):
   """
 
   def __init__(
-      self,
-      num_heads: int,
-      in_features: int,
-      *args,
-      target_entropy: float | Sequence[float] = 0.5,
-      relative: bool = True,
-      learn_target: bool = False,
-      num_iters: int | None = None,
-      implementation: str = "xla",
-      attention_fn: Callable[..., jax.Array] = entropy_dot_product_attention,
-      rngs: nnx.Rngs,
-      **kwargs,
+    self,
+    num_heads: int,
+    in_features: int,
+    *args,
+    target_entropy: float | Sequence[float] = 0.5,
+    relative: bool = True,
+    learn_target: bool = False,
+    num_iters: int | None = None,
+    implementation: str = "xla",
+    attention_fn: Callable[..., jax.Array] = entropy_dot_product_attention,
+    rngs: nnx.Rngs,
+    **kwargs,
   ):
     super().__init__(num_heads, in_features, *args, attention_fn=attention_fn, rngs=rngs, **kwargs)
     if implementation not in IMPLEMENTATIONS:
       raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
-    target = check_target(target_entropy, num_heads=num_heads, relative=relative, learn=learn_target)
+    target = check_target(
+      target_entropy, num_heads=num_heads, relative=relative, learn=learn_target
+    )
     self.relative = relative
     self.learn_target = learn_target
     self.num_iters = num_iters
@@ -112,8 +118,7 @@ class EntropyMultiHeadAttention(nnx.MultiHeadAttention):
     *batch, max_length, heads, depth = self.cached_key.shape
     if key.shape != (*batch, 1, heads, depth):
       raise ValueError(
-          f"autoregressive cache expects a key of shape {(*batch, 1, heads, depth)}, got "
-          f"{key.shape}"
+        f"autoregressive cache expects a key of shape {(*batch, 1, heads, depth)}, got {key.shape}"
       )
     index = self.cache_index[...]
     start = (0,) * len(batch) + (index, 0, 0)
@@ -126,19 +131,19 @@ class EntropyMultiHeadAttention(nnx.MultiHeadAttention):
     return key, value, nnx.combine_masks(mask, seen, dtype=bool)
 
   def __call__(
-      self,
-      inputs_q: jax.Array,
-      inputs_k: jax.Array | None = None,
-      inputs_v: jax.Array | None = None,
-      *,
-      mask: jax.Array | None = None,
-      deterministic: bool | None = None,
-      rngs: nnx.Rngs | nnx.RngStream | None = None,
-      sow_weights: bool = False,
-      decode: bool | None = None,
-      is_causal: bool = False,
-      out_sharding=None,
-      qkv_sharding=None,
+    self,
+    inputs_q: jax.Array,
+    inputs_k: jax.Array | None = None,
+    inputs_v: jax.Array | None = None,
+    *,
+    mask: jax.Array | None = None,
+    deterministic: bool | None = None,
+    rngs: nnx.Rngs | nnx.RngStream | None = None,
+    sow_weights: bool = False,
+    decode: bool | None = None,
+    is_causal: bool = False,
+    out_sharding=None,
+    qkv_sharding=None,
   ) -> jax.Array:
     """Applies entropy-normalized multi-head attention.
 
@@ -167,7 +172,7 @@ class EntropyMultiHeadAttention(nnx.MultiHeadAttention):
     inputs_v = inputs_k if inputs_v is None else inputs_v
     if inputs_q.shape[-1] != self.in_features:
       raise ValueError(
-          f"inputs_q has {inputs_q.shape[-1]} features, the module expects {self.in_features}"
+        f"inputs_q has {inputs_q.shape[-1]} features, the module expects {self.in_features}"
       )
     qkv = {} if qkv_sharding is None else {"out_sharding": qkv_sharding}
     out = {} if out_sharding is None else {"out_sharding": out_sharding}
@@ -193,21 +198,21 @@ class EntropyMultiHeadAttention(nnx.MultiHeadAttention):
       deterministic = True
 
     x = self.attention_fn(
-        query,
-        key,
-        value,
-        mask=mask,
-        dropout_rng=dropout_rng,
-        dropout_rate=self.dropout_rate,
-        broadcast_dropout=self.broadcast_dropout,
-        deterministic=deterministic,
-        dtype=self.dtype,
-        precision=self.precision,
-        module=self if sow_weights else None,
-        is_causal=is_causal,
-        target_entropy=self.target(),
-        relative=self.relative,
-        num_iters=self.num_iters,
-        implementation=self.implementation,
+      query,
+      key,
+      value,
+      mask=mask,
+      dropout_rng=dropout_rng,
+      dropout_rate=self.dropout_rate,
+      broadcast_dropout=self.broadcast_dropout,
+      deterministic=deterministic,
+      dtype=self.dtype,
+      precision=self.precision,
+      module=self if sow_weights else None,
+      is_causal=is_causal,
+      target_entropy=self.target(),
+      relative=self.relative,
+      num_iters=self.num_iters,
+      implementation=self.implementation,
     )
     return self.out(x, **out)

@@ -220,13 +220,13 @@ def _kernel_attention(query, key, value, mask, is_causal, target, relative, num_
       full = (*batch, heads, q_len, key.shape[-3])
       mask = jnp.broadcast_to(mask, full).reshape(rows, *full[-3:])
   out = entropy_attention(
-      *(x.reshape(rows, *x.shape[-3:]) for x in (query, key, value)),
-      target_entropy=target,
-      relative=relative,
-      mask=mask,
-      is_causal=is_causal,
-      implementation=impl,
-      num_iters=num_iters,
+    *(x.reshape(rows, *x.shape[-3:]) for x in (query, key, value)),
+    target_entropy=target,
+    relative=relative,
+    mask=mask,
+    is_causal=is_causal,
+    implementation=impl,
+    num_iters=num_iters,
   )
   return out.reshape(*batch, q_len, heads, value.shape[-1])
 
@@ -308,7 +308,7 @@ def entropy_dot_product_attention(
       raise ValueError(f"implementation={implementation!r} does not support {', '.join(used)}")
     target = attention_target(target_entropy, query.shape[-2])
     return _kernel_attention(
-        query, key, value, mask, is_causal, target, relative, num_iters, implementation
+      query, key, value, mask, is_causal, target, relative, num_iters, implementation
     )
   weights = entropy_attention_weights(
     query,

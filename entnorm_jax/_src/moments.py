@@ -89,8 +89,8 @@ def row_stats(d: jax.Array, valid: jax.Array) -> RowStats:
   return RowStats(n, ties, gap, spread, mean, var)
 
 
-def _weighted_sum(d, mask, gamma, center, k):
-  """Σ_i exp(γ d_i) (d_i - c)^min(k, 3) over ``mask``: one reduction reading ``d`` and ``mask``.
+def _weighted_sum(d, mask, gamma, center, power, k):
+  """Σ_i exp(γ d_i) (d_i - c)^power over ``mask``: one reduction reading ``d`` and ``mask``.
 
   γ and c are nudged by (k + 1) times the smallest normal number (no change in value): a distinct
   k per sum keeps XLA from sharing exp(γ·d) or d - c between the sums, which on the CPU backend turns them into
@@ -99,7 +99,7 @@ def _weighted_sum(d, mask, gamma, center, k):
   nudge = (k + 1) * jnp.finfo(d.dtype).tiny
   g = (gamma + nudge)[..., None]
   y = d - (center + nudge)[..., None]
-  return jnp.sum(jnp.where(mask, jnp.exp(g * d) * y ** min(k, 3), 0.0), axis=-1)
+  return jnp.sum(jnp.where(mask, jnp.exp(g * d) * y**power, 0.0), axis=-1)
 
 
 def row_moments(
@@ -117,12 +117,12 @@ def row_moments(
   Returns:
     :class:`Moments` of the row.
   """
-  s0 = _weighted_sum(d, valid, gamma, center, 0)
+  s0 = _weighted_sum(d, valid, gamma, center, 0, k=0)
   # Mass off the argmax set, summed on its own so that H - log m keeps its digits near log m.
-  rest = _weighted_sum(d, valid & (d < 0), gamma, center, 4)
-  a1 = _weighted_sum(d, valid, gamma, center, 1) / s0
-  a2 = _weighted_sum(d, valid, gamma, center, 2) / s0
-  a3 = _weighted_sum(d, valid, gamma, center, 3) / s0
+  rest = _weighted_sum(d, valid & (d < 0), gamma, center, 0, k=4)
+  a1 = _weighted_sum(d, valid, gamma, center, 1, k=1) / s0
+  a2 = _weighted_sum(d, valid, gamma, center, 2, k=2) / s0
+  a3 = _weighted_sum(d, valid, gamma, center, 3, k=3) / s0
   mean = center + a1
   var = jnp.maximum(a2 - a1 * a1, 0.0)
   third = a3 - 3.0 * a1 * a2 + 2.0 * a1 * a1 * a1
