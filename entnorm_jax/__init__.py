@@ -12,7 +12,7 @@ from entnorm_jax._src.functions import entropy_log_softmax as entropy_log_softma
 from entnorm_jax._src.functions import entropy_normalize as entropy_normalize
 from entnorm_jax._src.functions import entropy_softmax as entropy_softmax
 from entnorm_jax._src.functions import (
-    entropy_softmax_cross_entropy as entropy_softmax_cross_entropy,
+  entropy_softmax_cross_entropy as entropy_softmax_cross_entropy,
 )
 from entnorm_jax._src.functions import solve_gamma as solve_gamma
 
@@ -22,10 +22,10 @@ except _metadata.PackageNotFoundError:  # running from a source tree that is not
   __version__ = "0.0.0"
 
 __all__ = [
-    "entropy",
-    "entropy_log_softmax",
-    "entropy_normalize",
-    "entropy_softmax",
-    "entropy_softmax_cross_entropy",
-    "solve_gamma",
+  "entropy",
+  "entropy_log_softmax",
+  "entropy_normalize",
+  "entropy_softmax",
+  "entropy_softmax_cross_entropy",
+  "solve_gamma",
 ]

@@ -49,7 +49,10 @@ def main(argv=None) -> None:
 
   q = np.asarray(en.entropy_normalize(jnp.asarray(p, jnp.float32), target), np.float64)
   gamma = float(en.solve_gamma(jnp.log(jnp.asarray(p, jnp.float32)), target))
-  print(f"entropy_normalize: γ* = {gamma:.6f}, H(q) = {_entropy(q):.6f} (error {_entropy(q) - target:+.1e})")
+  print(
+    f"entropy_normalize: γ* = {gamma:.6f}, H(q) = {_entropy(q):.6f} "
+    f"(error {_entropy(q) - target:+.1e})"
+  )
   print(f"order kept: {bool(np.all(np.argsort(p) == np.argsort(q)))}, sum(q) = {q.sum():.6f}\n")
 
   print("convergence: |H - target| after k passes over the data (float32)")
@@ -64,8 +67,8 @@ def main(argv=None) -> None:
   print(f"\nd q_max / d target = {float(grad_t):+.6f} (implicit derivative, no unrolled loop)")
   h = 1e-3
   fd = (
-      en.entropy_softmax(logits, target + h)[jnp.argmax(logits)]
-      - en.entropy_softmax(logits, target - h)[jnp.argmax(logits)]
+    en.entropy_softmax(logits, target + h)[jnp.argmax(logits)]
+    - en.entropy_softmax(logits, target - h)[jnp.argmax(logits)]
   ) / (2 * h)
   print(f"central difference   = {float(fd):+.6f}")
 

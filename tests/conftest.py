@@ -40,8 +40,8 @@ def x64():
 def tolerance(dtype) -> float:
   """Absolute tolerance on probabilities / entropies for results stored in ``dtype``."""
   return {
-      jnp.dtype(jnp.bfloat16): 2e-2,
-      jnp.dtype(jnp.float16): 2e-3,
-      jnp.dtype(jnp.float32): 2e-4,
-      jnp.dtype(jnp.float64): 1e-10,
+    jnp.dtype(jnp.bfloat16): 2e-2,
+    jnp.dtype(jnp.float16): 2e-3,
+    jnp.dtype(jnp.float32): 2e-4,
+    jnp.dtype(jnp.float64): 1e-10,
   }[jnp.dtype(dtype)]

@@ -11,7 +11,6 @@ import pytest
 from conftest import float64, tolerance
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from jax.test_util import check_grads
 
 import entnorm_jax as en
 
@@ -96,7 +95,7 @@ def test_matches_softmax_with_solved_gamma(rng):
   q = en.entropy_softmax(x, 2.0)
   np.testing.assert_allclose(q, jax.nn.softmax(gamma[:, None] * x), atol=1e-6)
   np.testing.assert_allclose(
-      en.entropy_log_softmax(x, 2.0), jax.nn.log_softmax(gamma[:, None] * x), atol=1e-5
+    en.entropy_log_softmax(x, 2.0), jax.nn.log_softmax(gamma[:, None] * x), atol=1e-5
   )
   np.testing.assert_allclose(en.entropy(jnp.log(q)), 2.0, atol=2e-4)
 
@@ -148,13 +147,13 @@ def test_moveaxis_equivalence(rng, axis):
 
 def test_edges_uniform_argmax_empty_constant():
   x = jnp.array(
-      [
-          [0.3, 1.2, -0.5, 2.0],  # target above log n: uniform
-          [2.0, 2.0, 1.0, -1.0],  # target below log 2 (two tied maxima): uniform over the argmax set
-          [1.0, 1.0, 1.0, 1.0],  # constant: uniform whatever the target
-          [-jnp.inf] * 4,  # nothing valid: zeros
-      ],
-      jnp.float32,
+    [
+      [0.3, 1.2, -0.5, 2.0],  # target above log n: uniform
+      [2.0, 2.0, 1.0, -1.0],  # target below log 2 (two tied maxima): uniform over the argmax set
+      [1.0, 1.0, 1.0, 1.0],  # constant: uniform whatever the target
+      [-jnp.inf] * 4,  # nothing valid: zeros
+    ],
+    jnp.float32,
   )
   targets = jnp.array([5.0, 0.1, 0.2, 1.0])
   q = np.asarray(en.entropy_softmax(x, targets))
@@ -192,10 +191,8 @@ def test_entropy_normalize_keeps_zeros_and_order(rng):
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    data=st.lists(
-        st.floats(-20, 20, allow_nan=False, width=32), min_size=2, max_size=24
-    ),
-    frac=st.floats(0.0, 1.2),
+  data=st.lists(st.floats(-20, 20, allow_nan=False, width=32), min_size=2, max_size=24),
+  frac=st.floats(0.0, 1.2),
 )
 def test_property_order_range_and_sum(data, frac):
   x = np.asarray(data, np.float32)
@@ -270,5 +267,7 @@ def test_jit_vmap_compose(rng):
   direct = en.entropy_softmax(x, t)
   for in_axes in (0, 1):
     xs, ts = jnp.moveaxis(x, 0, in_axes), jnp.moveaxis(t, 0, in_axes)
-    out = jax.jit(jax.vmap(en.entropy_softmax, in_axes=(in_axes, in_axes), out_axes=in_axes))(xs, ts)
+    out = jax.jit(jax.vmap(en.entropy_softmax, in_axes=(in_axes, in_axes), out_axes=in_axes))(
+      xs, ts
+    )
     np.testing.assert_allclose(jnp.moveaxis(out, in_axes, 0), direct, atol=1e-6)

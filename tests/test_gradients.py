@@ -82,12 +82,12 @@ def test_jacobians_and_hessian(logits64):
 
 def test_masked_and_edge_gradients_are_zero_not_nan(x64):
   x = jnp.array(
-      [
-          [0.5, -1.0, 2.0, 0.1],
-          [-jnp.inf, -jnp.inf, -jnp.inf, -jnp.inf],  # all masked
-          [1.0, 1.0, 1.0, 1.0],  # constant
-          [0.3, -0.2, 1.1, 0.4],  # target clamped above log n
-      ]
+    [
+      [0.5, -1.0, 2.0, 0.1],
+      [-jnp.inf, -jnp.inf, -jnp.inf, -jnp.inf],  # all masked
+      [1.0, 1.0, 1.0, 1.0],  # constant
+      [0.3, -0.2, 1.1, 0.4],  # target clamped above log n
+    ]
   )
   targets = jnp.array([0.7, 0.5, 0.5, 3.0])
   where = jnp.array([True, True, False, True])
@@ -118,7 +118,7 @@ def test_bf16_gradient_runs():
 
 
 _SHARDING_SCRIPT = textwrap.dedent(
-    """
+  """
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     import entnorm_jax as en
@@ -143,7 +143,7 @@ _SHARDING_SCRIPT = textwrap.dedent(
 def test_sharded_inputs_match_one_device():
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
   out = subprocess.run(
-      [sys.executable, "-c", _SHARDING_SCRIPT], env=env, capture_output=True, text=True, timeout=300
+    [sys.executable, "-c", _SHARDING_SCRIPT], env=env, capture_output=True, text=True, timeout=300
   )
   assert out.returncode == 0, out.stderr[-3000:]
   assert "sharding ok" in out.stdout

@@ -23,12 +23,12 @@ from entnorm_jax._src.moments import shift_rows
 from entnorm_jax._src.solver import default_num_iters, normalized_exp, solve_shifted
 
 __all__ = [
-    "entropy",
-    "entropy_log_softmax",
-    "entropy_normalize",
-    "entropy_softmax",
-    "entropy_softmax_cross_entropy",
-    "solve_gamma",
+  "entropy",
+  "entropy_log_softmax",
+  "entropy_normalize",
+  "entropy_softmax",
+  "entropy_softmax_cross_entropy",
+  "solve_gamma",
 ]
 
 _STATIC = ("axis", "relative", "num_iters")
@@ -62,7 +62,7 @@ def _rows(x: jax.Array, where: ArrayLike | None, axis: int, valid: jax.Array):
       where = jnp.broadcast_to(where, x.shape)
     except ValueError as e:
       raise ValueError(
-          f"where of shape {where.shape} does not broadcast to logits of shape {x.shape}"
+        f"where of shape {where.shape} does not broadcast to logits of shape {x.shape}"
       ) from e
     valid = valid & where.astype(bool)
   x = jnp.moveaxis(x, axis, -1).astype(_compute_dtype(x.dtype))
@@ -74,8 +74,8 @@ def _target(target_entropy: ArrayLike, batch_shape, n_valid, dtype, relative: bo
   target = jnp.asarray(target_entropy)
   if np.broadcast_shapes(target.shape, batch_shape) != tuple(batch_shape):
     raise ValueError(
-        f"target_entropy of shape {target.shape} does not broadcast to the batch shape "
-        f"{tuple(batch_shape)} (logits' shape without the normalized axis)"
+      f"target_entropy of shape {target.shape} does not broadcast to the batch shape "
+      f"{tuple(batch_shape)} (logits' shape without the normalized axis)"
     )
   target = jnp.broadcast_to(target.astype(dtype), batch_shape)
   if relative:
@@ -145,13 +145,13 @@ def entropy(logits: ArrayLike, axis: int = -1, where: ArrayLike | None = None) -
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def solve_gamma(
-    logits: ArrayLike,
-    target_entropy: ArrayLike,
-    axis: int = -1,
-    where: ArrayLike | None = None,
-    *,
-    relative: bool = False,
-    num_iters: int | None = None,
+  logits: ArrayLike,
+  target_entropy: ArrayLike,
+  axis: int = -1,
+  where: ArrayLike | None = None,
+  *,
+  relative: bool = False,
+  num_iters: int | None = None,
 ) -> jax.Array:
   """The inverse temperature γ* >= 0 with H(softmax(γ*·logits)) = target_entropy.
 
@@ -191,20 +191,20 @@ def solve_gamma(
     0.5
   """
   d, valid, gamma, axis, dtype = _from_logits(
-      logits, where, axis, target_entropy, relative, num_iters
+    logits, where, axis, target_entropy, relative, num_iters
   )
   return gamma.astype(dtype)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def entropy_softmax(
-    logits: ArrayLike,
-    target_entropy: ArrayLike,
-    axis: int = -1,
-    where: ArrayLike | None = None,
-    *,
-    relative: bool = False,
-    num_iters: int | None = None,
+  logits: ArrayLike,
+  target_entropy: ArrayLike,
+  axis: int = -1,
+  where: ArrayLike | None = None,
+  *,
+  relative: bool = False,
+  num_iters: int | None = None,
 ) -> jax.Array:
   """Entropy-normalized softmax: ``softmax(γ*·logits)`` with entropy ``target_entropy``.
 
@@ -236,20 +236,20 @@ def entropy_softmax(
     0.8
   """
   d, valid, gamma, axis, dtype = _from_logits(
-      logits, where, axis, target_entropy, relative, num_iters
+    logits, where, axis, target_entropy, relative, num_iters
   )
   return jnp.moveaxis(normalized_exp(d, valid, gamma), -1, axis).astype(dtype)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def entropy_log_softmax(
-    logits: ArrayLike,
-    target_entropy: ArrayLike,
-    axis: int = -1,
-    where: ArrayLike | None = None,
-    *,
-    relative: bool = False,
-    num_iters: int | None = None,
+  logits: ArrayLike,
+  target_entropy: ArrayLike,
+  axis: int = -1,
+  where: ArrayLike | None = None,
+  *,
+  relative: bool = False,
+  num_iters: int | None = None,
 ) -> jax.Array:
   """Logarithm of :func:`entropy_softmax`, computed stably: ``γ*·z - logsumexp(γ*·z)``.
 
@@ -266,20 +266,20 @@ def entropy_log_softmax(
     0.5
   """
   d, valid, gamma, axis, dtype = _from_logits(
-      logits, where, axis, target_entropy, relative, num_iters
+    logits, where, axis, target_entropy, relative, num_iters
   )
   return jnp.moveaxis(_log_probs(d, valid, gamma), -1, axis).astype(dtype)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def entropy_normalize(
-    probs: ArrayLike,
-    target_entropy: ArrayLike,
-    axis: int = -1,
-    where: ArrayLike | None = None,
-    *,
-    relative: bool = False,
-    num_iters: int | None = None,
+  probs: ArrayLike,
+  target_entropy: ArrayLike,
+  axis: int = -1,
+  where: ArrayLike | None = None,
+  *,
+  relative: bool = False,
+  num_iters: int | None = None,
 ) -> jax.Array:
   """The power transform ``p^γ* / Σ p^γ*`` of a distribution, with entropy ``target_entropy``.
 
@@ -310,14 +310,14 @@ def entropy_normalize(
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def entropy_softmax_cross_entropy(
-    logits: ArrayLike,
-    labels: ArrayLike,
-    target_entropy: ArrayLike,
-    axis: int = -1,
-    where: ArrayLike | None = None,
-    *,
-    relative: bool = False,
-    num_iters: int | None = None,
+  logits: ArrayLike,
+  labels: ArrayLike,
+  target_entropy: ArrayLike,
+  axis: int = -1,
+  where: ArrayLike | None = None,
+  *,
+  relative: bool = False,
+  num_iters: int | None = None,
 ) -> jax.Array:
   """Cross-entropy of ``labels`` against the entropy-normalized distribution of ``logits``.
 
@@ -340,7 +340,7 @@ def entropy_softmax_cross_entropy(
     ()
   """
   d, valid, gamma, axis, dtype = _from_logits(
-      logits, where, axis, target_entropy, relative, num_iters
+    logits, where, axis, target_entropy, relative, num_iters
   )
   labels = jnp.moveaxis(jnp.broadcast_to(jnp.asarray(labels), jnp.shape(logits)), axis, -1)
   log_q = jnp.where(valid, _log_probs(d, valid, gamma), 0.0)

@@ -93,8 +93,9 @@ def _weighted_sum(d, mask, gamma, center, power, k):
   """Σ_i exp(γ d_i) (d_i - c)^power over ``mask``: one reduction reading ``d`` and ``mask``.
 
   γ and c are nudged by (k + 1) times the smallest normal number (no change in value): a distinct
-  k per sum keeps XLA from sharing exp(γ·d) or d - c between the sums, which on the CPU backend turns them into
-  one multi-output fusion that runs about twice as slowly as separate fused reductions.
+  k per sum keeps XLA from sharing exp(γ·d) or d - c between the sums, which on the CPU backend
+  turns them into one multi-output fusion that runs about twice as slowly as separate fused
+  reductions.
   """
   nudge = (k + 1) * jnp.finfo(d.dtype).tiny
   g = (gamma + nudge)[..., None]
@@ -103,7 +104,7 @@ def _weighted_sum(d, mask, gamma, center, power, k):
 
 
 def row_moments(
-    d: jax.Array, valid: jax.Array, gamma: jax.Array, center: jax.Array, n_ties: jax.Array
+  d: jax.Array, valid: jax.Array, gamma: jax.Array, center: jax.Array, n_ties: jax.Array
 ) -> Moments:
   """Moments of softmax(γ·d) in one pass over the row.
 

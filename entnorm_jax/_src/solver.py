@@ -29,7 +29,7 @@ import numpy as np
 
 from entnorm_jax._src.moments import RowStats, row_moments, row_stats
 
-# exp(-x) underflows to 0 for x beyond these (float32 subnormals end near 103.3, float64 near 744.4):
+# exp(-x) underflows to 0 beyond these (float32 subnormals end near 103.3, float64 near 744.4):
 # at γ = _ARGMAX_EXPONENT / gap the distribution is the argmax-uniform one in that precision.
 _ARGMAX_EXPONENT = {np.dtype("float32"): 110.0, np.dtype("float64"): 750.0}
 
@@ -95,7 +95,9 @@ def _guesses(stats: RowStats, bounds: Bounds, target: jax.Array):
   return gamma_uniform, gamma_argmax, gamma_lo
 
 
-def initial_gamma(stats: RowStats, bounds: Bounds, target: jax.Array) -> tuple[jax.Array, jax.Array]:
+def initial_gamma(
+  stats: RowStats, bounds: Bounds, target: jax.Array
+) -> tuple[jax.Array, jax.Array]:
   """First guess and lower bound for γ* from exponential-free statistics.
 
   Near the uniform end log n - H(γ) ≈ γ² V_0 / 2 (V_0 the plain variance), and since V <= R²/4
@@ -170,7 +172,7 @@ def halley_update(state: _State, mom, target, bounds: Bounds) -> _State:
   proposal = jnp.where(too_high, jnp.maximum(g_high, g), jnp.minimum(g_low, g))
   inside = (proposal >= lo) & (proposal <= hi) & jnp.isfinite(proposal)
   bisect = jnp.where(lo > 0, jnp.sqrt(lo * hi), 0.5 * hi)
-  # A row whose entropy is on target to rounding keeps its γ: rounding noise must not bisect it away.
+  # A row on target to rounding keeps its γ: rounding noise must not bisect it away.
   eps = jnp.finfo(g.dtype).eps
   converged = jnp.abs(mom.entropy - target) <= 8.0 * eps * jnp.maximum(bounds.log_n, 1.0)
   gamma = jnp.where(converged, g, jnp.where(inside, proposal, bisect))
