@@ -35,7 +35,7 @@ from entnorm_jax._src.solver import default_num_iters
 __all__ = ["entropy_attention"]
 
 _IMPLEMENTATIONS = ("xla", "blockwise", "pallas")
-_DEFAULT_BLOCKS = {"blockwise": (512, 512), "pallas": (64, 64)}
+_DEFAULT_BLOCKS = {"blockwise": (256, 256), "pallas": (64, 64)}
 
 
 def _check_qkv(q, k, v):
@@ -156,8 +156,8 @@ def entropy_attention(
       ``jax.nn.dot_product_attention``).
     scale: score scale, default ``1/sqrt(dim)``.
     implementation: ``"xla"`` (dense reference), ``"blockwise"`` or ``"pallas"``.
-    block_q: query block size (blockwise default 512, Pallas 64); lengths need not divide it.
-    block_k: key block size (blockwise default 512, Pallas 64).
+    block_q: query block size (blockwise default 256, Pallas 64); lengths need not divide it.
+    block_k: key block size (blockwise default 256, Pallas 64).
     interpret: run the Pallas kernels in interpret mode (default: when the backend is the CPU).
     num_iters: solver iterations (static); ``None`` for the dtype's default.
     query_seq_lengths: optional ``[batch]`` ints; query rows at or beyond it output zeros.

@@ -37,7 +37,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from entnorm_jax._src.moments import Moments, RowStats
-from entnorm_jax._src.solver import _State, entropy_bounds, halley_update, initial_gamma
+from entnorm_jax._src.solver import (
+  _State,
+  entropy_bounds,
+  halley_update,
+  initial_center,
+  initial_gamma,
+)
 
 
 class Config(NamedTuple):
@@ -195,13 +201,13 @@ def moments_update(acc: MomentAcc, s, valid, zmax, gamma, center) -> MomentAcc:
   mass_at = jnp.sum(jnp.where(at, e, 0.0), axis=-1)
   promoted = acc.top < top  # the previous maximum's mass is now off the argmax set
   return MomentAcc(
-      acc.s0 + jnp.sum(e, axis=-1),
-      acc.s1 + jnp.sum(ey, axis=-1),
-      acc.s2 + jnp.sum(ey * y, axis=-1),
-      acc.s3 + jnp.sum(ey * y * y, axis=-1),
-      top,
-      jnp.where(promoted, 0.0, acc.at_top) + mass_at,
-      acc.rest + jnp.sum(jnp.where(at, 0.0, e), axis=-1) + jnp.where(promoted, acc.at_top, 0.0),
+    acc.s0 + jnp.sum(e, axis=-1),
+    acc.s1 + jnp.sum(ey, axis=-1),
+    acc.s2 + jnp.sum(ey * y, axis=-1),
+    acc.s3 + jnp.sum(ey * y * y, axis=-1),
+    top,
+    jnp.where(promoted, 0.0, acc.at_top) + mass_at,
+    acc.rest + jnp.sum(jnp.where(at, 0.0, e), axis=-1) + jnp.where(promoted, acc.at_top, 0.0),
   )
 
 
@@ -239,15 +245,15 @@ def solve_rows(stats_pass: Callable, moments_pass: Callable, target, relative: b
     target = target * bounds.log_n
   clamped = jnp.clip(target, bounds.log_m, bounds.log_n)
   gamma0, gamma_lo = initial_gamma(stats, bounds, clamped)
-  state = _State(gamma0, gamma_lo, bounds.gamma_hi, stats.mean)
+  state = _State(gamma0, gamma_lo, bounds.gamma_hi, initial_center(stats, bounds, clamped))
 
   def body(_, state):
     mom = moments_pass(state.gamma, state.center, zmax, stats.n_ties)
     return halley_update(state, mom, clamped, bounds)
 
   state = jax.lax.fori_loop(0, num_iters, body, state)
-  gamma = jnp.where(clamped >= bounds.log_n, 0.0, state.gamma)
-  gamma = jnp.where(clamped <= bounds.log_m, bounds.gamma_hi, gamma)
+  gamma = jnp.where(clamped <= bounds.log_m, bounds.gamma_hi, state.gamma)
+  gamma = jnp.where(clamped >= bounds.log_n, 0.0, gamma)  # also all-tied rows (log m = log n)
   gamma = jnp.where(stats.n_valid > 0, gamma, 0.0)
   gamma = jnp.where(jnp.isnan(stats.mean), jnp.nan, gamma)
   free = (target > bounds.log_m) & (target < bounds.log_n)
@@ -378,7 +384,8 @@ def num_key_blocks(cfg: Config, q_start, n_k: int):
   """Key blocks a query block starting at ``q_start`` sees (a traced count when causal)."""
   if not cfg.is_causal:
     return n_k
-  return jnp.minimum(n_k, (q_start + cfg.block_q + cfg.block_k - 1) // cfg.block_k)
+  # lax.div, not //: the Triton lowering has no floor division on program ids.
+  return jnp.minimum(n_k, jax.lax.div(q_start + cfg.block_q + cfg.block_k - 1, cfg.block_k))
 
 
 class _Padded(NamedTuple):

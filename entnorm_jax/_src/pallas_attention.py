@@ -23,6 +23,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
 from entnorm_jax._src.blockwise_attention import (
   Config,
@@ -86,7 +87,9 @@ class _Layout:
 
   def kv_full(self):
     g = self.groups
-    return pl.BlockSpec((None, self.tk, None, self.dim), lambda b, h, i: (b, 0, h // g, 0))
+    return pl.BlockSpec(
+      (None, self.tk, None, self.dim), lambda b, h, i: (b, 0, jax.lax.div(h, g), 0)
+    )
 
   def row_block(self):
     return pl.BlockSpec((None, None, self.cfg.block_q), lambda b, h, i: (b, h, i))
@@ -108,10 +111,8 @@ class _Layout:
     return [jax.ShapeDtypeStruct(self.grid_q[:2] + (self.tq,), self.dtype)] * n
 
   def call(self, kernel, grid, in_specs, out_specs, out_shape, *args):
-    params = None
-    if not self.cfg.interpret and jax.default_backend() == "gpu":
-      from jax.experimental.pallas import triton as plgpu
-
+    params = None  # interpreted, or Mosaic on TPUs; Triton otherwise (also when lowering for a GPU)
+    if not self.cfg.interpret and jax.default_backend() != "tpu":
       params = plgpu.CompilerParams(num_warps=4, num_stages=2)
     return pl.pallas_call(
       kernel,
@@ -302,7 +303,7 @@ def _dkv_kernel(cfg, n_q, dtype, has_mask, *refs):
     dv = dv + _mm(p, do, (0, 0), do, prec).astype(dtype)
     return dk, dv
 
-  first = k_start // bq if cfg.is_causal else 0
+  first = jax.lax.div(k_start, bq) if cfg.is_causal else 0
   zeros = jnp.zeros(k.shape, dtype)
   dk, dv = jax.lax.fori_loop(first, n_q, body, (zeros, zeros))
   dk_ref[...] = (dk * cfg.scale).astype(dk_ref.dtype)
@@ -335,7 +336,7 @@ def _pallas_backward(cfg: Config, q, k, v, q_ok, k_ok, mask, rows: Rows, coef, d
 
   g, bk, dim = lay.groups, cfg.block_k, lay.dim
   q_full = pl.BlockSpec((None, lay.tq, None, dim), lambda b, h, j: (b, 0, h, 0))
-  kv_block = pl.BlockSpec((None, bk, None, dim), lambda b, h, j: (b, j, h // g, 0))
+  kv_block = pl.BlockSpec((None, bk, None, dim), lambda b, h, j: (b, j, jax.lax.div(h, g), 0))
   ok_k = [
     pl.BlockSpec((None, lay.tq), lambda b, h, j: (b, 0)),
     pl.BlockSpec((None, bk), lambda b, h, j: (b, j)),
