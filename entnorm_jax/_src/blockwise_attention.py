@@ -36,14 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from entnorm_jax._src.moments import Moments, RowStats
-from entnorm_jax._src.solver import (
-  _State,
-  entropy_bounds,
-  halley_update,
-  initial_center,
-  initial_gamma,
-)
+from entnorm_jax._src.moments import Moments, RowStats, moments_from_sums
+from entnorm_jax._src.solver import entropy_bounds, iterate
 
 
 class Config(NamedTuple):
@@ -212,20 +206,12 @@ def moments_update(acc: MomentAcc, s, valid, zmax, gamma, center) -> MomentAcc:
 
 
 def moments_finalize(acc: MomentAcc, gamma, center, n_ties) -> Moments:
-  """:class:`Moments` from accumulated sums; the same closing formulas as ``row_moments``."""
-  a1 = acc.s1 / acc.s0
-  a2 = acc.s2 / acc.s0
-  a3 = acc.s3 / acc.s0
-  mean = center + a1
-  var = jnp.maximum(a2 - a1 * a1, 0.0)
-  third = a3 - 3.0 * a1 * a2 + 2.0 * a1 * a1 * a1
-  entropy = jnp.log(acc.s0) - gamma * mean
-  excess = jnp.log1p(acc.rest / jnp.maximum(n_ties, 1.0)) - gamma * mean
-  return Moments(entropy, mean, var, third, excess)
+  """:class:`Moments` from accumulated sums (the core's closing formulas)."""
+  return moments_from_sums(acc.s0, acc.s1, acc.s2, acc.s3, acc.rest, gamma, center, n_ties)
 
 
 def solve_rows(stats_pass: Callable, moments_pass: Callable, target, relative: bool, num_iters):
-  """The core's solve (``solver._solve_loop``) driven by blockwise passes.
+  """The core's solve (:func:`entnorm_jax._src.solver.iterate`) driven by blockwise passes.
 
   Args:
     stats_pass: ``() -> (zmax, RowStats)``.
@@ -243,21 +229,10 @@ def solve_rows(stats_pass: Callable, moments_pass: Callable, target, relative: b
   bounds = entropy_bounds(stats, zmax.dtype)
   if relative:
     target = target * bounds.log_n
-  clamped = jnp.clip(target, bounds.log_m, bounds.log_n)
-  gamma0, gamma_lo = initial_gamma(stats, bounds, clamped)
-  state = _State(gamma0, gamma_lo, bounds.gamma_hi, initial_center(stats, bounds, clamped))
-
-  def body(_, state):
-    mom = moments_pass(state.gamma, state.center, zmax, stats.n_ties)
-    return halley_update(state, mom, clamped, bounds)
-
-  state = jax.lax.fori_loop(0, num_iters, body, state)
-  gamma = jnp.where(clamped <= bounds.log_m, bounds.gamma_hi, state.gamma)
-  gamma = jnp.where(clamped >= bounds.log_n, 0.0, gamma)  # also all-tied rows (log m = log n)
-  gamma = jnp.where(stats.n_valid > 0, gamma, 0.0)
-  gamma = jnp.where(jnp.isnan(stats.mean), jnp.nan, gamma)
+  moments_fn = lambda gamma, center: moments_pass(gamma, center, zmax, stats.n_ties)
+  gamma, center = iterate(stats, bounds, target, num_iters, moments_fn)
   free = (target > bounds.log_m) & (target < bounds.log_n)
-  return zmax, gamma, state.center, free, bounds.log_n
+  return zmax, gamma, center, free, bounds.log_n
 
 
 # ----------------------------------------------------------------------------------------------

@@ -118,12 +118,21 @@ def row_moments(
   Returns:
     :class:`Moments` of the row.
   """
-  s0 = _weighted_sum(d, valid, gamma, center, 0, k=0)
+  sums = [_weighted_sum(d, valid, gamma, center, k, k=k) for k in range(4)]
   # Mass off the argmax set, summed on its own so that H - log m keeps its digits near log m.
   rest = _weighted_sum(d, valid & (d < 0), gamma, center, 0, k=4)
-  a1 = _weighted_sum(d, valid, gamma, center, 1, k=1) / s0
-  a2 = _weighted_sum(d, valid, gamma, center, 2, k=2) / s0
-  a3 = _weighted_sum(d, valid, gamma, center, 3, k=3) / s0
+  return moments_from_sums(*sums, rest, gamma, center, n_ties)
+
+
+def moments_from_sums(s0, s1, s2, s3, rest, gamma, center, n_ties) -> Moments:
+  """:class:`Moments` from the sums ``S_k = Σ e (d - c)^k`` (k = 0..3) and the off-argmax mass.
+
+  Shared by :func:`row_moments` and the blockwise attention, which accumulates the same sums over
+  key blocks.
+  """
+  a1 = s1 / s0
+  a2 = s2 / s0
+  a3 = s3 / s0
   mean = center + a1
   var = jnp.maximum(a2 - a1 * a1, 0.0)
   third = a3 - 3.0 * a1 * a2 + 2.0 * a1 * a1 * a1

@@ -21,13 +21,14 @@ and the implicit function theorem gives (with q, m, V at γ*)
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from entnorm_jax._src.moments import RowStats, row_moments, row_stats
+from entnorm_jax._src.moments import Moments, RowStats, row_moments, row_stats
 
 # exp(-x) underflows to 0 beyond these (float32 subnormals end near 103.3, float64 near 744.4):
 # at γ = _ARGMAX_EXPONENT / gap the distribution is the argmax-uniform one in that precision.
@@ -186,29 +187,49 @@ def normalized_exp(d: jax.Array, valid: jax.Array, gamma: jax.Array) -> jax.Arra
   return e / jnp.where(s0 > 0, s0, 1.0)
 
 
-def _clamped_target(target, bounds: Bounds):
-  return jnp.clip(target, bounds.log_m, bounds.log_n)
+def iterate(
+  stats: RowStats,
+  bounds: Bounds,
+  target: jax.Array,
+  num_iters: int,
+  moments_fn: Callable[[jax.Array, jax.Array], Moments],
+) -> tuple[jax.Array, jax.Array]:
+  """The fixed-count solve, for any way of computing the moments of a row.
 
+  Args:
+    stats: exponential-free statistics of the rows.
+    bounds: :func:`entropy_bounds` of ``stats``.
+    target: target entropies in nats (clamped here to [log m, log n]).
+    num_iters: static number of Halley iterations (``lax.fori_loop``).
+    moments_fn: ``(gamma, center) -> Moments`` at the current iterate (one pass over the data:
+      :func:`row_moments` for dense rows, a sweep over key blocks for blockwise attention).
 
-def _solve_loop(d, valid, target, num_iters):
-  """The fixed-count iteration; returns γ (batch shape). No gradient flows through it."""
-  d, target = jax.lax.stop_gradient((d, target))
-  stats = row_stats(d, valid)
-  bounds = entropy_bounds(stats, d.dtype)
-  target = _clamped_target(target, bounds)
+  Returns:
+    ``(gamma, center)``: γ* with the edges applied (γ = 0 at or above log n, the argmax cap at or
+    below log m, 0 for empty rows, NaN for rows holding a valid NaN), and the last iterate's mean.
+  """
+  target = jnp.clip(target, bounds.log_m, bounds.log_n)
   gamma0, gamma_lo = initial_gamma(stats, bounds, target)
   state = _State(gamma0, gamma_lo, bounds.gamma_hi, initial_center(stats, bounds, target))
 
   def body(_, state):
-    mom = row_moments(d, valid, state.gamma, state.center, stats.n_ties)
-    return halley_update(state, mom, target, bounds)
+    return halley_update(state, moments_fn(state.gamma, state.center), target, bounds)
 
   state = jax.lax.fori_loop(0, num_iters, body, state)
   gamma = jnp.where(target <= bounds.log_m, bounds.gamma_hi, state.gamma)
   gamma = jnp.where(target >= bounds.log_n, 0.0, gamma)  # also all-tied rows (log m = log n)
   gamma = jnp.where(stats.n_valid > 0, gamma, 0.0)
   # A valid NaN makes the row maximum NaN; propagate it to γ (and so to the row's output).
-  return jnp.where(jnp.isnan(stats.mean), jnp.nan, gamma)
+  return jnp.where(jnp.isnan(stats.mean), jnp.nan, gamma), state.center
+
+
+def _solve_loop(d, valid, target, num_iters):
+  """The dense solve; returns γ (batch shape). No gradient flows through it."""
+  d, target = jax.lax.stop_gradient((d, target))
+  stats = row_stats(d, valid)
+  bounds = entropy_bounds(stats, d.dtype)
+  moments_fn = lambda gamma, center: row_moments(d, valid, gamma, center, stats.n_ties)
+  return iterate(stats, bounds, target, num_iters, moments_fn)[0]
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
