@@ -103,13 +103,14 @@ class EntropyMultiHeadAttention(nnx.MultiHeadAttention):
       self.target_raw = nnx.Param(jnp.asarray(raw, self.param_dtype))
       self.target_entropy = None
     else:
-      self.target_entropy = target.tolist()  # static: a float or a list of floats
+      # static (hashable): a float, or a tuple of floats (one per head)
+      self.target_entropy = tuple(target.tolist()) if target.ndim else float(target)
 
   def target(self) -> jax.Array:
     """The current target: a scalar or ``[num_heads]`` (relative fraction or nats)."""
     if self.learn_target:
       return raw_to_target(self.target_raw[...], relative=self.relative)
-    return jnp.asarray(self.target_entropy, jnp.float32)
+    return jnp.asarray(self.target_entropy)
 
   def _cached_kv(self, key, value, mask):
     """Appends this step's key/value to the decode cache; returns them and the combined mask."""

@@ -92,8 +92,10 @@ def _solve(x, valid, target_entropy, relative, num_iters):
     num_iters = default_num_iters(d.dtype)
   elif operator.index(num_iters) < 0:
     raise ValueError(f"num_iters must be >= 0, got {num_iters}")
-  gamma = solve_shifted(d, valid, target, num_iters)
-  return d, valid, gamma
+  # The solve sees plain [rows, n]: XLA's CPU reductions are markedly slower on higher-rank rows.
+  n = d.shape[-1]
+  gamma = solve_shifted(d.reshape(-1, n), valid.reshape(-1, n), target.reshape(-1), num_iters)
+  return d, valid, gamma.reshape(target.shape)
 
 
 def _from_logits(logits, where, axis, target_entropy, relative, num_iters):

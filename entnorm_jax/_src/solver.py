@@ -39,6 +39,9 @@ _ARGMAX_EXPONENT = {np.dtype("float32"): 110.0, np.dtype("float64"): 750.0}
 DEFAULT_NUM_ITERS = {np.dtype("float32"): 8, np.dtype("float64"): 12}
 
 
+_MAX_LOG_GROWTH = float(np.log(16.0))
+
+
 def default_num_iters(dtype) -> int:
   """Iterations used when ``num_iters=None`` for a compute dtype (float32 or float64)."""
   return DEFAULT_NUM_ITERS[np.dtype(dtype)]
@@ -166,7 +169,9 @@ def halley_update(state: _State, mom, target, bounds: Bounds) -> _State:
   du = -g * h1  # d(log n - H)/dt
   u1 = du / deficit
   u2 = (du - g * g * h2) / deficit - u1 * u1
-  g_high = g * jnp.exp(_halley(u, u1, u2))
+  # At most a factor 16 per step: from a plateau (near-ties) the local slope predicts
+  # far too much, and one-hot overshoots cancel V away, which would stall the next steps.
+  g_high = g * jnp.exp(jnp.minimum(_halley(u, u1, u2), _MAX_LOG_GROWTH))
 
   # Near convergence the two transforms can disagree in sign at rounding level; a step against the
   # side the iterate is on is such noise, so the iterate stays.

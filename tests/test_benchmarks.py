@@ -1,0 +1,164 @@
+"""Smoke runs of the benchmark suite at tiny sizes, so the benchmarks cannot go stale.
+
+Every module's ``run`` → ``markdown`` → ``plot`` path runs on tiny problems (the size tables are
+patched); the figures are checked for shape and sanity, not speed (timed assertions never go in
+tests).
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import entnorm_jax as en
+
+# The benchmarks package lives at the repository root, next to tests/.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from benchmarks import accuracy, common, core, memory, peers, scaling  # noqa: E402
+from benchmarks import run as suite  # noqa: E402
+
+
+def _positive_times(times: dict) -> None:
+  for name, t in times.items():
+    assert t["q25_s"] <= t["median_s"] <= t["q75_s"], name
+    assert t["median_s"] > 0, name
+
+
+def test_time_calls_interleaves_and_orders_quantiles():
+  x = jax.random.normal(jax.random.key(3), (32, 32))
+  f = common.compile_ahead(lambda x: jnp.tanh(x) @ x, x)
+  g = common.compile_ahead(lambda x: jnp.sum(x), x)
+  times = common.time_calls({"f": (f, (x,)), "g": (g, (x,))}, repeats=4, min_sample_s=1e-4)
+  assert set(times) == {"f", "g"} and all(t["samples"] == 4 for t in times.values())
+  _positive_times(times)
+  with pytest.raises(ValueError, match="at least one"):
+    common.time_calls({}, repeats=3)
+
+
+def test_environment_names_the_machine():
+  env = common.environment()
+  for key in ("jax", "jaxlib", "backend", "device_kind", "cpu_model"):
+    assert isinstance(env[key], str) and env[key], key
+  json.dumps(env)
+
+
+def test_unrolled_reference_follows_the_core_solver():
+  x, target, _ = core.random_problem(5, (48, 24))  # the shape of test_accuracy_run_tiny's solves
+  d = x - jnp.max(x, axis=-1, keepdims=True)
+  unrolled = jax.jit(core.unrolled_gamma, static_argnums=2)(d, target, 2)
+  solved = en.solve_gamma(x, target, num_iters=2)
+  np.testing.assert_allclose(unrolled, solved, rtol=1e-5)
+
+
+def test_core_run_tiny(monkeypatch, tmp_path):
+  monkeypatch.setattr(core, "SHAPES", ((24, 48),))
+  result = core.run(quick=True)
+  (per,) = result["shapes"]
+  assert per["shape"] == [6, 48]
+  _positive_times(per["times"])
+  assert per["error"]["entropy_softmax"] < 1e-3
+  assert len(result["bars"]) == 3 and all(isinstance(b["met"], bool) for b in result["bars"])
+  json.dumps(result)
+  assert "Issue-2 bars" in core.markdown(result)
+  (png,) = core.plot(result, tmp_path)
+  assert png.stat().st_size > 0
+
+
+def test_accuracy_run_tiny(monkeypatch, tmp_path):
+  monkeypatch.setattr(accuracy, "SIZES", {True: (1, 24, 2)})
+  result = accuracy.run(quick=True)
+  curves = result["float32"]
+  assert set(curves) == {"core", "seed Newton", "bisection"}
+  for curve in curves.values():
+    assert len(curve) == 3 and set(curve[0]) == set(accuracy.FAMILIES)
+  # Two safeguarded Halley iterations already beat the seed's two Newton steps on Gaussians.
+  assert curves["core"][2]["gauss 1"]["max"] < curves["seed Newton"][2]["gauss 1"]["max"]
+  assert "float32" in accuracy.markdown(result)
+  accuracy.plot(result, tmp_path)
+
+
+def test_accuracy_families_are_random_and_nonconstant():
+  rng = np.random.default_rng(0)
+  for name in accuracy.FAMILIES:
+    z = accuracy.family_logits(name, rng, 3, 16)
+    assert z.shape == (3, 16) and np.all(np.isfinite(z)) and np.all(np.ptp(z, axis=1) > 0), name
+  with pytest.raises(ValueError, match="unknown family"):
+    accuracy.family_logits("cauchy", rng, 1, 4)
+
+
+def test_scaling_run_tiny(monkeypatch, tmp_path):
+  monkeypatch.setattr(scaling, "SIZES", {True: (64, (16,), ())})
+  result = scaling.run(quick=True)
+  assert [(r["batch"], r["n"]) for r in result["by_length"]] == [(4, 16)] and not result["by_batch"]
+  assert result["by_length"][0]["ratio_forward"] > 0 and result["by_length"][0]["ratio_grad"] > 0
+  assert "row length sweep" in scaling.markdown(result)
+  scaling.plot(result, tmp_path)
+
+
+def test_peers_run_tiny(monkeypatch, tmp_path):
+  monkeypatch.setattr(peers, "SHAPES", {True: (4, 32)})
+  # optimistix and the unrolled reference are exercised by test_core_run_tiny; cheap stand-ins
+  # here keep this test to the peers' own code (bisection, brentq, tables, plot).
+  monkeypatch.setattr(peers, "optimistix_entropy_softmax", lambda x, t, atol: jax.nn.softmax(x))
+  monkeypatch.setattr(peers, "unrolled_entropy_softmax", lambda x, t, n: jax.nn.softmax(x))
+  result = peers.run(quick=True)
+  _positive_times(result["times"])
+  assert result["error"]["scipy brentq"] < 1e-6
+  # Bisection is run to the core's accuracy (measured on the same rows; rounding aside).
+  assert result["error"]["bisection (t-SNE)"] <= 2 * result["tolerance"]
+  assert "Peers" in peers.markdown(result)
+  peers.plot(result, tmp_path)
+
+
+def test_memory_measure_and_render(tmp_path):
+  row = memory.measure_here("implicit", 2, (4, 64))
+  assert row["xla_temp_bytes"] > 0 and row["peak_bytes"] >= 0
+  result = {"name": "memory", "shape": [4, 64], "input_bytes": 1024, "rows": [row]}
+  result["rows"].append(dict(row, method="unrolled"))
+  assert "unrolled peak" in memory.markdown(result)
+  memory.plot(result, tmp_path)
+  with pytest.raises(ValueError, match="method"):
+    memory.measure_here("adjoint", 1, (2, 8))
+
+
+def test_suite_runner_writes_the_results_folder(monkeypatch, tmp_path):
+  class Fake:
+    @staticmethod
+    def run(quick=False):
+      return {
+        "name": "fake",
+        "quick": quick,
+        "times": {"f": {"median_s": 1e-3, "q25_s": 9e-4, "q75_s": 2e-3}},
+        "ratio": 1.5,
+      }
+
+    @staticmethod
+    def plot(result, path):  # the one-file form: the runner picks the name
+      path.write_bytes(b"png")
+
+  class Broken:
+    @staticmethod
+    def run(quick=False):
+      raise RuntimeError("boom")
+
+  monkeypatch.setattr(suite, "load_modules", lambda only=None: {"fake": Fake, "broken": Broken})
+  result = suite.run_suite(True, tmp_path, None)
+  saved = json.loads((tmp_path / "results.json").read_text())
+  assert saved["modules"]["fake"]["ratio"] == 1.5 and "boom" in saved["failed"]["broken"]
+  text = (tmp_path / "results.md").read_text()
+  assert "## fake" in text and "FAILED" in text
+  assert set(result["wall_s"]) == {"fake", "broken"}
+  assert result["plots"] == ["fake.png"] and (tmp_path / "fake.png").exists()
+
+
+def test_suite_knows_its_modules():
+  modules = suite.load_modules(["core", "memory"])
+  assert list(modules) == ["core", "memory"]
+  with pytest.raises(ValueError, match="unknown benchmark"):
+    suite.load_modules(["nope"])
