@@ -20,7 +20,6 @@ Run ``python -m benchmarks.accuracy [--quick]``.
 
 from __future__ import annotations
 
-import argparse
 import pathlib
 
 import jax
@@ -41,7 +40,6 @@ FAMILIES = (
   "zipf-like",
   "near-ties",
 )
-RESULTS_DIR = pathlib.Path(__file__).parent / "results"
 # quick -> (rows per family and target, row length, iterations)
 SIZES = {True: (4, 256, 6), False: (32, 1000, 14)}
 
@@ -256,18 +254,7 @@ def plot(result: dict, out_dir) -> list[pathlib.Path]:
 
 
 def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--quick", action="store_true", help="smaller problem, fewer iterations")
-  parser.add_argument("--out", default=str(RESULTS_DIR), help="folder for accuracy.json/.md/.png")
-  args = parser.parse_args(argv)
-  result = run(quick=args.quick)
-  result["environment"] = common.environment()
-  text = markdown(result)
-  print(text)
-  out = pathlib.Path(args.out)
-  common.save_json(result, out / "accuracy.json")
-  (out / "accuracy.md").write_text(text)
-  plot(result, out)
+  common.module_main("accuracy", __doc__, run, markdown, plot, argv)
 
 
 if __name__ == "__main__":

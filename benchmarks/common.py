@@ -15,6 +15,7 @@ Timing protocol (the same for every figure in the suite):
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -192,3 +193,26 @@ def write_figure(fig, path: str | os.PathLike) -> pathlib.Path:
   fig.savefig(path, dpi=80, bbox_inches="tight")
   plt.close(fig)
   return path
+
+
+RESULTS_DIR = pathlib.Path(__file__).parent / "results"
+
+
+def report(name: str, result: dict, markdown: Callable, plot: Callable, out_dir) -> None:
+  """Adds the environment to ``result``, prints its Markdown and writes NAME.json/.md/.png."""
+  result["environment"] = environment()
+  text = markdown(result)
+  print(text)
+  out = pathlib.Path(out_dir)
+  save_json(result, out / f"{name}.json")
+  (out / f"{name}.md").write_text(text)
+  plot(result, out)
+
+
+def module_main(name: str, doc: str, run: Callable, markdown: Callable, plot: Callable, argv=None):
+  """The command line of a benchmark module: ``python -m benchmarks.NAME [--quick] [--out DIR]``."""
+  parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+  parser.add_argument("--quick", action="store_true", help="smaller sizes, fewer repeats")
+  parser.add_argument("--out", default=str(RESULTS_DIR), help=f"folder for {name}.json/.md/.png")
+  args = parser.parse_args(argv)
+  report(name, run(quick=args.quick), markdown, plot, args.out)

@@ -19,7 +19,6 @@ and ``core.png`` into ``benchmarks/results/``.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import pathlib
 
@@ -44,7 +43,6 @@ from entnorm_jax._src.solver import (
 # The shapes the issue-2 bars are stated for; --quick uses a quarter of the rows.
 SHAPES = ((256, 32768), (4096, 1024))
 BARS = {"forward": 3.0, "gradient": 2.5, "vs_optimistix": 3.0}
-RESULTS_DIR = pathlib.Path(__file__).parent / "results"
 
 
 def random_problem(seed: int, shape) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -309,18 +307,7 @@ def plot(result: dict, out_dir) -> list[pathlib.Path]:
 
 
 def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--quick", action="store_true", help="fewer repeats")
-  parser.add_argument("--out", default=str(RESULTS_DIR), help="folder for core.json/.md/.png")
-  args = parser.parse_args(argv)
-  result = run(quick=args.quick)
-  result["environment"] = common.environment()
-  text = markdown(result)
-  print(text)
-  out = pathlib.Path(args.out)
-  common.save_json(result, out / "core.json")
-  (out / "core.md").write_text(text)
-  plot(result, out)
+  common.module_main("core", __doc__, run, markdown, plot, argv)
 
 
 if __name__ == "__main__":

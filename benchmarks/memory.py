@@ -30,7 +30,7 @@ import entnorm_jax as en
 from benchmarks import common
 from benchmarks.core import random_problem, unrolled_entropy_softmax
 
-RESULTS_DIR = pathlib.Path(__file__).parent / "results"
+RESULTS_DIR = common.RESULTS_DIR
 METHODS = ("implicit", "unrolled")
 # quick -> (shape, iteration counts)
 SIZES = {True: ((64, 8192), (1, 16)), False: ((128, 16384), (1, 2, 4, 8, 16, 32))}
@@ -166,14 +166,7 @@ def main(argv=None) -> None:
     method, iters = args.child
     print(json.dumps(measure_here(method, int(iters), tuple(args.shape))))
     return
-  result = run(quick=args.quick)
-  result["environment"] = common.environment()
-  text = markdown(result)
-  print(text)
-  out = pathlib.Path(args.out)
-  common.save_json(result, out / "memory.json")
-  (out / "memory.md").write_text(text)
-  plot(result, out)
+  common.report("memory", run(quick=args.quick), markdown, plot, args.out)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ Run ``python -m benchmarks.peers [--quick]``.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import pathlib
 import time
@@ -39,7 +38,6 @@ from benchmarks.core import (
 )
 from entnorm_jax._src.solver import default_num_iters
 
-RESULTS_DIR = pathlib.Path(__file__).parent / "results"
 SHAPES = {True: (64, 1024), False: (256, 4096)}  # quick -> problem shape
 
 
@@ -184,18 +182,7 @@ def plot(result: dict, out_dir) -> list[pathlib.Path]:
 
 
 def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--quick", action="store_true", help="smaller problem, fewer repeats")
-  parser.add_argument("--out", default=str(RESULTS_DIR), help="folder for peers.json/.md/.png")
-  args = parser.parse_args(argv)
-  result = run(quick=args.quick)
-  result["environment"] = common.environment()
-  text = markdown(result)
-  print(text)
-  out = pathlib.Path(args.out)
-  common.save_json(result, out / "peers.json")
-  (out / "peers.md").write_text(text)
-  plot(result, out)
+  common.module_main("peers", __doc__, run, markdown, plot, argv)
 
 
 if __name__ == "__main__":

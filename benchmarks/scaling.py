@@ -13,7 +13,6 @@ Targets are half of log n for every row. Run ``python -m benchmarks.scaling [--q
 
 from __future__ import annotations
 
-import argparse
 import pathlib
 
 import jax
@@ -23,7 +22,6 @@ import numpy as np
 import entnorm_jax as en
 from benchmarks import common
 
-RESULTS_DIR = pathlib.Path(__file__).parent / "results"
 # quick -> (elements per call in the row-length sweep, row lengths, batches at n = 1024)
 SIZES = {
   True: (2**18, (64, 4096, 262144), (1, 256)),
@@ -147,18 +145,7 @@ def plot(result: dict, out_dir) -> list[pathlib.Path]:
 
 
 def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
-  parser.add_argument("--out", default=str(RESULTS_DIR), help="folder for scaling.json/.md/.png")
-  args = parser.parse_args(argv)
-  result = run(quick=args.quick)
-  result["environment"] = common.environment()
-  text = markdown(result)
-  print(text)
-  out = pathlib.Path(args.out)
-  common.save_json(result, out / "scaling.json")
-  (out / "scaling.md").write_text(text)
-  plot(result, out)
+  common.module_main("scaling", __doc__, run, markdown, plot, argv)
 
 
 if __name__ == "__main__":
