@@ -173,7 +173,7 @@ def _bench_shape(shape, *, quick: bool) -> dict:
     args = (x, target, w) if name.startswith("grad") else (x, target)
     compiled[name] = (common.compile_ahead(f, *args), args)
   times = common.time_calls(
-    compiled, repeats=5 if quick else 15, max_total_s=20.0 if quick else 90.0
+    compiled, repeats=3 if quick else 15, max_total_s=8.0 if quick else 90.0
   )
   rows_optx = row_errors(compiled["optimistix Newton"][0](x, target), target)
   rows_core = row_errors(q_core, target)
