@@ -21,7 +21,6 @@ Run ``python -m benchmarks.attention_collapse [--quick]``: prints a table and wr
 
 from __future__ import annotations
 
-import argparse
 import pathlib
 import time
 
@@ -35,7 +34,6 @@ from benchmarks import common
 from benchmarks.corpus import CharCorpus
 from entnorm_jax import linen as enn
 
-RESULTS_DIR = pathlib.Path(__file__).parent / "results"
 VARIANTS = ("standard", "entropy_fixed", "entropy_learned")
 SETTINGS = {"warmup": 1e-3, "no_warmup": 1e-2}
 
@@ -251,18 +249,8 @@ def markdown(result: dict) -> str:
   return note + "\n\n" + common.markdown_table(headers, rows) + "\n"
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--quick", action="store_true", help="a few steps at a tiny size")
-  quick = parser.parse_args().quick or common.quick_from_env()
-  result = run(quick)
-  table = markdown(result)
-  print(table)
-  if quick:  # a smoke run: the committed snapshot is the full one
-    return
-  common.save_json(result, RESULTS_DIR / "attention_collapse.json")
-  (RESULTS_DIR / "attention_collapse.md").write_text(table)
-  plot(result, RESULTS_DIR / "attention_collapse.png")
+def main(argv=None) -> None:
+  common.snapshot_main("attention_collapse", __doc__, run, markdown, plot, argv)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ Run ``python -m benchmarks.attention_cost [--quick]``: prints a table and writes
 
 from __future__ import annotations
 
-import argparse
 import pathlib
 
 import jax
@@ -30,7 +29,6 @@ from benchmarks import common
 from benchmarks.attention_collapse import CharTransformer
 from entnorm_jax import linen as enn
 
-RESULTS_DIR = pathlib.Path(__file__).parent / "results"
 FEATURES, HEADS = 256, 4
 BAR = {"length": 1024, "fwd_bwd_ratio": 2.0}
 
@@ -191,18 +189,8 @@ def plot(result: dict, path: pathlib.Path) -> None:
   common.write_figure(fig, path)
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--quick", action="store_true", help="short lengths, few repeats")
-  quick = parser.parse_args().quick or common.quick_from_env()
-  result = run(quick)
-  table = markdown(result)
-  print(table)
-  if quick:  # a smoke run: the committed snapshot is the full one
-    return
-  common.save_json(result, RESULTS_DIR / "attention_cost.json")
-  (RESULTS_DIR / "attention_cost.md").write_text(table)
-  plot(result, RESULTS_DIR / "attention_cost.png")
+def main(argv=None) -> None:
+  common.snapshot_main("attention_cost", __doc__, run, markdown, plot, argv)
 
 
 if __name__ == "__main__":

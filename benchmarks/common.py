@@ -216,3 +216,24 @@ def module_main(name: str, doc: str, run: Callable, markdown: Callable, plot: Ca
   parser.add_argument("--out", default=str(RESULTS_DIR), help=f"folder for {name}.json/.md/.png")
   args = parser.parse_args(argv)
   report(name, run(quick=args.quick), markdown, plot, args.out)
+
+
+def snapshot_main(
+  name: str, doc: str, run: Callable, markdown: Callable, plot: Callable, argv=None
+):
+  """Command line of an experiment whose committed snapshot is its full run.
+
+  ``--quick`` (or ``ENTNORM_QUICK=1``) only prints the table; a full run also writes NAME.json,
+  NAME.md and NAME.png (``plot(result, path)``) into :data:`RESULTS_DIR`.
+  """
+  parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+  parser.add_argument("--quick", action="store_true", help="a smoke run: print, write nothing")
+  quick = parser.parse_args(argv).quick or quick_from_env()
+  result = run(quick)
+  table = markdown(result)
+  print(table)
+  if quick:
+    return
+  save_json(result, RESULTS_DIR / f"{name}.json")
+  (RESULTS_DIR / f"{name}.md").write_text(table)
+  plot(result, RESULTS_DIR / f"{name}.png")
