@@ -13,11 +13,9 @@ import functools
 import pathlib
 
 import jax
-import jax.numpy as jnp
 
 from benchmarks import common
 from entnorm_jax import sampling as ens
-from entnorm_jax._src.solver import default_num_iters
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 BATCH, VOCAB = 64, 50_000
@@ -68,7 +66,6 @@ def run(quick: bool = False) -> dict:
     "ratio_transform_entropy_over_top_p": stats["transform only: entropy"]["median_s"]
     / stats["transform only: top_p"]["median_s"],
     "bar_entropy_le_top_p": bool(entropy <= top_p),
-    "entropy_solver_iterations": default_num_iters(jnp.float32),
     "environment": common.environment(),
     "notes": "CPU shared with other jobs while measured: repeats interleaved, medians and IQR.",
   }

@@ -30,7 +30,6 @@ from jax.typing import ArrayLike
 from entnorm_jax._src.blockwise_attention import BLOCKWISE, Config, attention_vjp, compute_dtype
 from entnorm_jax._src.dense_attention import dense_attention
 from entnorm_jax._src.pallas_attention import PALLAS, pallas_block_size
-from entnorm_jax._src.solver import default_num_iters
 
 __all__ = ["entropy_attention"]
 
@@ -159,7 +158,8 @@ def entropy_attention(
     block_q: query block size (blockwise default 256, Pallas 64); lengths need not divide it.
     block_k: key block size (blockwise default 256, Pallas 64).
     interpret: run the Pallas kernels in interpret mode (default: when the backend is the CPU).
-    num_iters: solver iterations (static); ``None`` for the dtype's default.
+    num_iters: ``None`` (default) iterates until every row is on target; an int k runs exactly k
+      Halley-type steps (static).
     query_seq_lengths: optional ``[batch]`` ints; query rows at or beyond it output zeros.
     key_value_seq_lengths: optional ``[batch]`` ints; keys at or beyond it are masked.
 
@@ -188,9 +188,8 @@ def entropy_attention(
   kv_len = k.shape[1]
   dtype = compute_dtype(q.dtype)
   scale = 1.0 / math.sqrt(dim) if scale is None else float(scale)
-  num_iters = default_num_iters(dtype) if num_iters is None else operator.index(num_iters)
-  if num_iters < 0:
-    raise ValueError(f"num_iters must be >= 0, got {num_iters}")
+  if num_iters is not None and operator.index(num_iters) < 0:
+    raise ValueError(f"num_iters must be >= 0 or None, got {num_iters}")
   target = _targets(target_entropy, batch, heads, q_len, dtype)
   if mask is not None:
     mask = _mask4(mask, (batch, heads, q_len, kv_len))

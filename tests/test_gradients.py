@@ -14,7 +14,6 @@ import pytest
 from jax.test_util import check_grads
 
 import entnorm_jax as en
-from entnorm_jax._src.moments import row_moments, shift_rows
 
 
 @pytest.fixture
@@ -40,32 +39,29 @@ def test_central_differences_on_target(logits64):
     np.testing.assert_allclose(jax.grad(loss)(t), fd, rtol=1e-6)
 
 
-def _unrolled_gamma(d, target, gamma0, iters):
+def _unrolled_gamma(x, target, gamma0, iters):
   """Plain Newton on H(γ) = target, differentiated by autodiff through every iteration."""
-  valid = jnp.ones_like(d, bool)
-  n_ties = jnp.sum(d == 0, -1).astype(d.dtype)
+  d = x - jnp.max(x, axis=-1, keepdims=True)
   gamma = gamma0
   for _ in range(iters):
-    mom = row_moments(d, valid, gamma, jnp.zeros_like(gamma), n_ties)
-    gamma = gamma + (mom.entropy - target) / (gamma * mom.var)
+    e = jnp.exp(gamma[:, None] * d)
+    q = e / jnp.sum(e, axis=-1, keepdims=True)
+    mean = jnp.sum(q * d, axis=-1)
+    var = jnp.sum(q * jnp.square(d - mean[:, None]), axis=-1)
+    entropy = jnp.log(jnp.sum(e, axis=-1)) - gamma * mean
+    gamma = gamma + (entropy - target) / (gamma * var)
   return gamma
 
 
 def test_implicit_matches_unrolled_autodiff(logits64):
   target = jnp.array([0.8, 1.2, 1.5])
-  d, _ = shift_rows(logits64, jnp.ones_like(logits64, bool))
   gamma0 = jax.lax.stop_gradient(en.solve_gamma(logits64, target)) * 0.97
-
-  def loss_unrolled(x, t):
-    d, _ = shift_rows(x, jnp.ones_like(x, bool))
-    return jnp.sum(jnp.sin(_unrolled_gamma(d, t, gamma0, 30)))
-
+  loss_unrolled = lambda x, t: jnp.sum(jnp.sin(_unrolled_gamma(x, t, gamma0, 30)))
   loss_implicit = lambda x, t: jnp.sum(jnp.sin(en.solve_gamma(x, t)))
   for argnum in (0, 1):
     g_imp = jax.grad(loss_implicit, argnum)(logits64, target)
     g_unr = jax.grad(loss_unrolled, argnum)(logits64, target)
     np.testing.assert_allclose(g_imp, g_unr, rtol=1e-8, atol=1e-10)
-  del d
 
 
 def test_jacobians_and_hessian(logits64):
@@ -125,16 +121,24 @@ _SHARDING_SCRIPT = textwrap.dedent(
     assert jax.device_count() == 8, jax.devices()
     x = jax.random.normal(jax.random.key(0), (16, 256))
     t = jnp.linspace(0.5, 5.0, 16)
+    loss = lambda x, t: jnp.sum(en.entropy_softmax(x, t) ** 2)
     ref_q = en.entropy_softmax(x, t)
-    ref_g = jax.grad(lambda x: jnp.sum(en.entropy_softmax(x, t) ** 2))(x)
+    ref_g = jax.grad(loss)(x, t)
+    with jax.enable_x64():
+      wide = [jnp.asarray(np.asarray(a), jnp.float64) for a in (x, t)]
+      g64 = np.asarray(jax.grad(loss)(*wide))
+    # float32 gradients of sharp rows carry ~1e-4 of the row's scale of rounding: every float32
+    # result is held to that against float64, and the sharded one to the same as the unsharded.
+    scale = np.abs(g64).max(axis=-1, keepdims=True)
+    assert np.max(np.abs(np.asarray(ref_g) - g64) / scale) < 3e-4
     mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("batch", "model"))
     for spec in (P("batch", None), P(None, "model"), P("batch", "model")):
       xs = jax.device_put(x, NamedSharding(mesh, spec))
       ts = jax.device_put(t, NamedSharding(mesh, P(spec[0])))
       q = jax.jit(en.entropy_softmax)(xs, ts)
-      g = jax.jit(jax.grad(lambda x: jnp.sum(en.entropy_softmax(x, ts) ** 2)))(xs)
+      g = jax.jit(jax.grad(loss))(xs, ts)
       np.testing.assert_allclose(q, ref_q, atol=1e-6)
-      np.testing.assert_allclose(g, ref_g, atol=1e-5)
+      assert np.max(np.abs(np.asarray(g) - g64) / scale) < 3e-4, spec
     print("sharding ok")
     """
 )

@@ -9,10 +9,10 @@ ordinary online-softmax attention. Every statistic the solver needs can be accum
 blocks at a fixed shift (the row maximum, found in the first pass):
 
 1. one pass for the row maximum and the exponential-free :class:`RowStats` (count, ties at the
-   maximum, gap below it, spread, plain mean and variance merged with Chan's formula);
-2. per solver iteration one pass accumulating ``S_k = Σ e_j y_j^k`` (k = 0..3, ``e = exp(γ d)``,
-   ``d = s - max s``, ``y = d - c``) exactly as :func:`entnorm_jax._src.moments.row_moments` does
-   for a whole row, followed by the core's per-row :func:`halley_update`;
+   maximum, gap below it, plain mean and variance merged with Chan's formula);
+2. per solver evaluation one pass accumulating ``S_k = Σ e_j y_j^k`` (k = 0..3, ``e = exp(γ d)``,
+   ``d = s - max s``, ``y = d - c``) exactly as :func:`entnorm_jax._src.moments.evaluate` does
+   for a whole row, driven by the core's :func:`entnorm_jax._src.solver.solve`;
 3. a final pass accumulating ``o``, the mean ``m`` and variance ``V`` of ``d`` under P, and
    ``w = Σ_j P_j (d_j - m) v_j``.
 
@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from entnorm_jax._src.moments import Moments, RowStats, moments_from_sums
-from entnorm_jax._src.solver import entropy_bounds, iterate
+from entnorm_jax._src.solver import entropy_bounds, solve, start
 
 
 class Config(NamedTuple):
@@ -46,7 +46,7 @@ class Config(NamedTuple):
   is_causal: bool
   scale: float
   relative: bool
-  num_iters: int
+  num_iters: int | None  # None: adaptive
   block_q: int
   block_k: int
   interpret: bool = False
@@ -112,7 +112,6 @@ class StatsAcc(NamedTuple):
   top: jax.Array  # running maximum
   ties: jax.Array  # count equal to it
   below: jax.Array  # largest valid value below it
-  low: jax.Array  # running minimum
   count: jax.Array
   mean: jax.Array
   m2: jax.Array  # Σ (s - mean)^2
@@ -120,7 +119,7 @@ class StatsAcc(NamedTuple):
 
 def stats_init(shape, dtype) -> StatsAcc:
   zeros = jnp.zeros(shape, dtype)
-  return StatsAcc(zeros - jnp.inf, zeros, zeros - jnp.inf, zeros + jnp.inf, zeros, zeros, zeros)
+  return StatsAcc(zeros - jnp.inf, zeros, zeros - jnp.inf, zeros, zeros, zeros)
 
 
 def stats_update(acc: StatsAcc, s: jax.Array, valid: jax.Array) -> StatsAcc:
@@ -133,7 +132,6 @@ def stats_update(acc: StatsAcc, s: jax.Array, valid: jax.Array) -> StatsAcc:
   below = jnp.maximum(
     jnp.maximum(acc.below, block_below), jnp.where(acc.top < top, acc.top, -jnp.inf)
   )
-  low = jnp.minimum(acc.low, jnp.min(jnp.where(valid, s, jnp.inf), axis=-1))
   n_b = jnp.sum(jnp.where(valid, 1.0, 0.0), axis=-1)
   mean_b = jnp.sum(jnp.where(valid, s, 0.0), axis=-1) / jnp.maximum(n_b, 1.0)
   m2_b = jnp.sum(jnp.where(valid, jnp.square(s - mean_b[..., None]), 0.0), axis=-1)
@@ -142,7 +140,7 @@ def stats_update(acc: StatsAcc, s: jax.Array, valid: jax.Array) -> StatsAcc:
   delta = mean_b - acc.mean
   mean = acc.mean + delta * frac
   m2 = acc.m2 + m2_b + delta * delta * acc.count * frac
-  return StatsAcc(top, ties, below, low, count, mean, m2)
+  return StatsAcc(top, ties, below, count, mean, m2)
 
 
 def stats_finalize(acc: StatsAcc) -> tuple[jax.Array, RowStats]:
@@ -150,10 +148,9 @@ def stats_finalize(acc: StatsAcc) -> tuple[jax.Array, RowStats]:
   has = acc.count > 0
   zmax = jnp.where(has, acc.top, 0.0)
   gap = jnp.where(has & jnp.isfinite(acc.below), acc.top - acc.below, jnp.inf)
-  spread = jnp.where(has, acc.top - acc.low, 0.0)
   mean = jnp.where(has, acc.mean - zmax, 0.0)
   var = acc.m2 / jnp.maximum(acc.count, 1.0)
-  return zmax, RowStats(acc.count, acc.ties, gap, spread, mean, var)
+  return zmax, RowStats(acc.count, acc.ties, gap, mean, var)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -165,63 +162,52 @@ class MomentAcc(NamedTuple):
   s1: jax.Array
   s2: jax.Array
   s3: jax.Array
-  top: jax.Array  # this pass's running maximum of the scores
-  at_top: jax.Array  # mass at it
-  rest: jax.Array  # mass below it (off the argmax set)
 
 
 def moments_init(shape, dtype) -> MomentAcc:
   zeros = jnp.zeros(shape, dtype)
-  return MomentAcc(zeros, zeros, zeros, zeros, zeros - jnp.inf, zeros, zeros)
+  return MomentAcc(zeros, zeros, zeros, zeros)
 
 
 def _shifted(s, zmax):
-  # The clamp guards d <= 0 if a recomputed block rounds differently from pass 1.
-  return jnp.minimum(s - zmax[..., None], 0.0)
+  # Exactly 0 at (or above, if a recomputed block rounds differently from pass 1) the maximum:
+  # the off-argmax mass is S_0 minus the number of ties.
+  top = zmax[..., None]
+  return jnp.where(s >= top, 0.0, s - top)
 
 
 def moments_update(acc: MomentAcc, s, valid, zmax, gamma, center) -> MomentAcc:
-  """Adds a block's ``S_k = Σ e y^k`` (``e = exp(γ d)``, ``y = d - c``) to the running sums.
-
-  The mass off the argmax set is split from the mass at this pass's own running maximum, so it
-  does not depend on recomputed blocks being bitwise equal to those of the first pass.
-  """
+  """Adds a block's ``S_k = Σ e y^k`` (``e = exp(γ d)``, ``y = d - c``) to the running sums."""
   d = _shifted(s, zmax)
   e = jnp.where(valid, jnp.exp(gamma[..., None] * d), 0.0)
   y = jnp.where(valid, d - center[..., None], 0.0)
   ey = e * y
-  top = jnp.maximum(acc.top, jnp.max(jnp.where(valid, s, -jnp.inf), axis=-1))
-  at = s == top[..., None]
-  mass_at = jnp.sum(jnp.where(at, e, 0.0), axis=-1)
-  promoted = acc.top < top  # the previous maximum's mass is now off the argmax set
   return MomentAcc(
     acc.s0 + jnp.sum(e, axis=-1),
     acc.s1 + jnp.sum(ey, axis=-1),
     acc.s2 + jnp.sum(ey * y, axis=-1),
     acc.s3 + jnp.sum(ey * y * y, axis=-1),
-    top,
-    jnp.where(promoted, 0.0, acc.at_top) + mass_at,
-    acc.rest + jnp.sum(jnp.where(at, 0.0, e), axis=-1) + jnp.where(promoted, acc.at_top, 0.0),
   )
 
 
 def moments_finalize(acc: MomentAcc, gamma, center, n_ties) -> Moments:
   """:class:`Moments` from accumulated sums (the core's closing formulas)."""
-  return moments_from_sums(acc.s0, acc.s1, acc.s2, acc.s3, acc.rest, gamma, center, n_ties)
+  return moments_from_sums(acc.s0, acc.s1, acc.s2, acc.s3, gamma, center, n_ties)
 
 
 def solve_rows(stats_pass: Callable, moments_pass: Callable, target, relative: bool, num_iters):
-  """The core's solve (:func:`entnorm_jax._src.solver.iterate`) driven by blockwise passes.
+  """The core's solve (:func:`entnorm_jax._src.solver.solve`) driven by blockwise passes.
 
   Args:
     stats_pass: ``() -> (zmax, RowStats)``.
-    moments_pass: ``(gamma, center, zmax, n_ties) -> Moments``.
+    moments_pass: ``(gamma, center, zmax, n_ties) -> Moments`` (all four sums: every evaluation
+      here is a full one, since a sweep over key blocks costs the same either way).
     target: per-row target (nats, or a fraction of log n with ``relative``).
     relative: read ``target`` as a fraction of log(n_valid).
-    num_iters: number of Halley iterations.
+    num_iters: ``None`` (adaptive) or the number of Halley-type steps.
 
   Returns:
-    ``(zmax, gamma, center, free, log_n)`` per row; ``center`` is the last iterate's mean, a good
+    ``(zmax, gamma, center, free, log_n)`` per row; ``center`` is the mean at γ, a good
     centring point for the final pass.
   """
   zmax, stats = stats_pass()
@@ -229,9 +215,16 @@ def solve_rows(stats_pass: Callable, moments_pass: Callable, target, relative: b
   bounds = entropy_bounds(stats, zmax.dtype)
   if relative:
     target = target * bounds.log_n
-  moments_fn = lambda gamma, center: moments_pass(gamma, center, zmax, stats.n_ties)
-  gamma, center = iterate(stats, bounds, target, num_iters, moments_fn)
   free = (target > bounds.log_m) & (target < bounds.log_n)
+  every = jnp.ones(target.shape, bool)
+
+  def evaluate(gamma, center, mode, aux):
+    return moments_pass(gamma, center, zmax, stats.n_ties), every, aux
+
+  gamma, center, _ = solve(
+    bounds, *start(stats, bounds, target), evaluate, None, num_iters=num_iters
+  )
+  center = jnp.where(jnp.isfinite(center), center, 0.0)
   return zmax, gamma, center, free, bounds.log_n
 
 

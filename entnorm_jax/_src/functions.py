@@ -20,7 +20,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from entnorm_jax._src.moments import shift_rows
-from entnorm_jax._src.solver import default_num_iters, normalized_exp, solve_shifted
+from entnorm_jax._src.normalize import IMPLEMENTATIONS, Config, Solution, solve_rows
 
 __all__ = [
   "entropy",
@@ -31,7 +31,7 @@ __all__ = [
   "solve_gamma",
 ]
 
-_STATIC = ("axis", "relative", "num_iters")
+_STATIC = ("axis", "relative", "num_iters", "implementation")
 
 
 def canonicalize_axis(axis: int, ndim: int) -> int:
@@ -54,60 +54,63 @@ def _output_dtype(dtype) -> np.dtype:
   return np.dtype(dtype) if jnp.issubdtype(dtype, jnp.floating) else _compute_dtype(dtype)
 
 
-def _rows(x: jax.Array, where: ArrayLike | None, axis: int, valid: jax.Array):
-  """Moves ``axis`` last, casts to the compute dtype and combines the masks."""
-  if where is not None:
-    where = jnp.asarray(where)
-    try:
-      where = jnp.broadcast_to(where, x.shape)
-    except ValueError as e:
-      raise ValueError(
-        f"where of shape {where.shape} does not broadcast to logits of shape {x.shape}"
-      ) from e
-    valid = valid & where.astype(bool)
-  x = jnp.moveaxis(x, axis, -1).astype(_compute_dtype(x.dtype))
-  valid = jnp.moveaxis(valid, axis, -1)
-  return x, valid
+def _mask(where: ArrayLike | None, shape, axis: int) -> jax.Array | None:
+  """``where`` broadcast to the logits and moved like them, or ``None``."""
+  if where is None:
+    return None
+  where = jnp.asarray(where)
+  try:
+    where = jnp.broadcast_to(where, shape)
+  except ValueError as e:
+    raise ValueError(
+      f"where of shape {where.shape} does not broadcast to logits of shape {shape}"
+    ) from e
+  return jnp.moveaxis(where.astype(bool), axis, -1)
 
 
-def _target(target_entropy: ArrayLike, batch_shape, n_valid, dtype, relative: bool) -> jax.Array:
+def _config(relative, num_iters, implementation) -> Config:
+  if num_iters is not None and operator.index(num_iters) < 0:
+    raise ValueError(f"num_iters must be >= 0 or None, got {num_iters}")
+  if implementation is not None and implementation not in IMPLEMENTATIONS:
+    raise ValueError(
+      f"implementation must be None or one of {IMPLEMENTATIONS}, got {implementation!r}"
+    )
+  return Config(bool(relative), num_iters, implementation)
+
+
+def _solve(x, where, target_entropy, cfg: Config):
+  """Solves the rows of ``x`` (normalized axis last); returns the :class:`Solution` in its shape."""
+  batch = x.shape[:-1]
   target = jnp.asarray(target_entropy)
-  if np.broadcast_shapes(target.shape, batch_shape) != tuple(batch_shape):
+  if np.broadcast_shapes(target.shape, batch) != tuple(batch):
     raise ValueError(
       f"target_entropy of shape {target.shape} does not broadcast to the batch shape "
-      f"{tuple(batch_shape)} (logits' shape without the normalized axis)"
+      f"{tuple(batch)} (logits' shape without the normalized axis)"
     )
-  target = jnp.broadcast_to(target.astype(dtype), batch_shape)
-  if relative:
-    target = target * jnp.log(jnp.maximum(n_valid, 1).astype(dtype))
-  return target
-
-
-def _solve(x, valid, target_entropy, relative, num_iters):
-  """Shared body: returns (d, valid, gamma) with rows along the last axis."""
-  d, _ = shift_rows(x, valid)
-  n_valid = jnp.sum(valid, axis=-1)
-  target = _target(target_entropy, d.shape[:-1], n_valid, d.dtype, relative)
-  if num_iters is None:
-    num_iters = default_num_iters(d.dtype)
-  elif operator.index(num_iters) < 0:
-    raise ValueError(f"num_iters must be >= 0, got {num_iters}")
+  n = x.shape[-1]
+  target = jnp.broadcast_to(target.astype(x.dtype), batch).reshape(-1)
   # The solve sees plain [rows, n]: XLA's CPU reductions are markedly slower on higher-rank rows.
-  n = d.shape[-1]
-  gamma = solve_shifted(d.reshape(-1, n), valid.reshape(-1, n), target.reshape(-1), num_iters)
-  return d, valid, gamma.reshape(target.shape)
+  rows = lambda a: None if a is None else a.reshape(-1, n)
+  sol = solve_rows(rows(x), rows(where), target, cfg)
+  return Solution(sol.probs.reshape(x.shape), *(a.reshape(batch) for a in sol[1:]))
 
 
-def _from_logits(logits, where, axis, target_entropy, relative, num_iters):
+def _from_logits(logits, where, axis, target_entropy, relative, num_iters, implementation):
+  """``(x, where, solution, axis, dtype)`` with the normalized axis last."""
   logits = jnp.asarray(logits)
   axis = canonicalize_axis(axis, logits.ndim)
-  x, valid = _rows(logits, where, axis, logits != -jnp.inf)
-  d, valid, gamma = _solve(x, valid, target_entropy, relative, num_iters)
-  return d, valid, gamma, axis, _output_dtype(logits.dtype)
+  where = _mask(where, logits.shape, axis)
+  x = jnp.moveaxis(logits, axis, -1).astype(_compute_dtype(logits.dtype))
+  sol = _solve(x, where, target_entropy, _config(relative, num_iters, implementation))
+  return x, where, sol, axis, _output_dtype(logits.dtype)
 
 
-def _log_probs(d, valid, gamma):
-  """log softmax(γ·d): finite on valid entries, -inf on masked ones."""
+def _log_probs(x, where, gamma):
+  """log softmax(γ·x) over valid entries: finite there, -inf on masked ones."""
+  valid = x != -jnp.inf
+  if where is not None:
+    valid = valid & where
+  d, _ = shift_rows(x, valid)
   scaled = gamma[..., None] * d
   e = jnp.where(valid, jnp.exp(scaled), 0.0)
   s0 = jnp.sum(e, axis=-1, keepdims=True)
@@ -137,12 +140,12 @@ def entropy(logits: ArrayLike, axis: int = -1, where: ArrayLike | None = None) -
   """
   logits = jnp.asarray(logits)
   axis = canonicalize_axis(axis, logits.ndim)
-  x, valid = _rows(logits, where, axis, logits != -jnp.inf)
-  d, _ = shift_rows(x, valid)
-  one = jnp.ones(d.shape[:-1], d.dtype)
-  q = normalized_exp(d, valid, one)
-  log_q = jnp.where(valid, _log_probs(d, valid, one), 0.0)
-  return (-jnp.sum(q * log_q, axis=-1)).astype(_output_dtype(logits.dtype))
+  where = _mask(where, logits.shape, axis)
+  x = jnp.moveaxis(logits, axis, -1).astype(_compute_dtype(logits.dtype))
+  log_q = _log_probs(x, where, jnp.ones(x.shape[:-1], x.dtype))
+  finite = log_q > -jnp.inf
+  h = -jnp.sum(jnp.where(finite, jnp.exp(log_q) * log_q, 0.0), axis=-1)
+  return h.astype(_output_dtype(logits.dtype))
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
@@ -154,6 +157,7 @@ def solve_gamma(
   *,
   relative: bool = False,
   num_iters: int | None = None,
+  implementation: str | None = None,
 ) -> jax.Array:
   """The inverse temperature γ* >= 0 with H(softmax(γ*·logits)) = target_entropy.
 
@@ -176,14 +180,20 @@ def solve_gamma(
       scalar or an array broadcastable to the batch shape (``logits.shape`` without ``axis``).
     axis: the axis holding each distribution.
     where: optional boolean mask broadcastable to ``logits``; False entries are excluded.
-    relative: read ``target_entropy`` as a fraction of each row's maximum entropy log(n_valid).
-    num_iters: number of solver iterations (static); ``None`` for the dtype's default.
+    relative: read ``target_entropy`` as a fraction of each row's maximum entropy log(n_valid)
+      (default ``False``: nats).
+    num_iters: ``None`` (default) iterates each block of rows until every row is within
+      2e-6·max(1, log n) nats of its target (1e-12 in float64); an int k runs exactly k
+      Halley-type steps (static).
+    implementation: ``None`` picks by platform: ``"tiled"`` on CPUs (rows solved in cache-sized
+      blocks), ``"xla"`` elsewhere (whole-array passes). Both give the same answers.
 
   Returns:
     γ*, of shape ``logits.shape`` without ``axis``, in the dtype of ``logits``.
 
   Raises:
-    ValueError: for a bad axis, or a mask or target that does not broadcast.
+    ValueError: for a bad axis, ``num_iters`` or ``implementation``, or a mask or target that
+      does not broadcast.
 
   Examples:
     >>> import jax.numpy as jnp, entnorm_jax as en
@@ -192,10 +202,10 @@ def solve_gamma(
     >>> round(float(en.entropy(g * z)), 4)
     0.5
   """
-  d, valid, gamma, axis, dtype = _from_logits(
-    logits, where, axis, target_entropy, relative, num_iters
+  _, _, sol, _, dtype = _from_logits(
+    logits, where, axis, target_entropy, relative, num_iters, implementation
   )
-  return gamma.astype(dtype)
+  return sol.gamma.astype(dtype)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
@@ -207,6 +217,7 @@ def entropy_softmax(
   *,
   relative: bool = False,
   num_iters: int | None = None,
+  implementation: str | None = None,
 ) -> jax.Array:
   """Entropy-normalized softmax: ``softmax(γ*·logits)`` with entropy ``target_entropy``.
 
@@ -222,25 +233,34 @@ def entropy_softmax(
       or an array broadcastable to ``logits.shape`` without ``axis``.
     axis: the axis holding each distribution.
     where: optional boolean mask broadcastable to ``logits``.
-    relative: read ``target_entropy`` as a fraction of log(n_valid) of each row.
-    num_iters: solver iterations (static); ``None`` for the dtype's default.
+    relative: read ``target_entropy`` as a fraction of each row's maximum entropy log(n_valid)
+      (default ``False``: nats).
+    num_iters: ``None`` (default) iterates each block of rows until every row is within
+      2e-6·max(1, log n) nats of its target (1e-12 in float64); an int k runs exactly k
+      Halley-type steps (static).
+    implementation: ``None`` picks by platform: ``"tiled"`` on CPUs (rows solved in cache-sized
+      blocks), ``"xla"`` elsewhere (whole-array passes). Both give the same answers.
 
   Returns:
     Probabilities of the shape and dtype of ``logits``. A row with no valid entry is all zeros.
 
   Raises:
-    ValueError: for a bad axis, or a mask or target that does not broadcast.
+    ValueError: for a bad axis, ``num_iters`` or ``implementation``, or a mask or target that
+      does not broadcast.
 
   Examples:
     >>> import jax.numpy as jnp, entnorm_jax as en
     >>> q = en.entropy_softmax(jnp.array([2.0, 1.0, 0.0, -1.0]), 0.8)
     >>> round(float(en.entropy(jnp.log(q))), 4)
     0.8
+    >>> q = en.entropy_softmax(jnp.array([2.0, 1.0, 0.0, -1.0]), 0.5, relative=True)
+    >>> round(float(en.entropy(jnp.log(q)) / jnp.log(4.0)), 4)  # half of the maximum, log 4
+    0.5
   """
-  d, valid, gamma, axis, dtype = _from_logits(
-    logits, where, axis, target_entropy, relative, num_iters
+  _, _, sol, axis, dtype = _from_logits(
+    logits, where, axis, target_entropy, relative, num_iters, implementation
   )
-  return jnp.moveaxis(normalized_exp(d, valid, gamma), -1, axis).astype(dtype)
+  return jnp.moveaxis(sol.probs, -1, axis).astype(dtype)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
@@ -252,11 +272,13 @@ def entropy_log_softmax(
   *,
   relative: bool = False,
   num_iters: int | None = None,
+  implementation: str | None = None,
 ) -> jax.Array:
   """Logarithm of :func:`entropy_softmax`, computed stably: ``γ*·z - logsumexp(γ*·z)``.
 
   Args:
-    logits, target_entropy, axis, where, relative, num_iters: as in :func:`entropy_softmax`.
+    logits, target_entropy, axis, where, relative, num_iters, implementation: as in
+      :func:`entropy_softmax`.
 
   Returns:
     Log-probabilities of the shape and dtype of ``logits``; ``-inf`` at masked entries.
@@ -267,10 +289,10 @@ def entropy_log_softmax(
     >>> round(float(-(jnp.exp(lq) * lq).sum()), 4)
     0.5
   """
-  d, valid, gamma, axis, dtype = _from_logits(
-    logits, where, axis, target_entropy, relative, num_iters
+  x, where, sol, axis, dtype = _from_logits(
+    logits, where, axis, target_entropy, relative, num_iters, implementation
   )
-  return jnp.moveaxis(_log_probs(d, valid, gamma), -1, axis).astype(dtype)
+  return jnp.moveaxis(_log_probs(x, where, sol.gamma), -1, axis).astype(dtype)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
@@ -282,6 +304,7 @@ def entropy_normalize(
   *,
   relative: bool = False,
   num_iters: int | None = None,
+  implementation: str | None = None,
 ) -> jax.Array:
   """The power transform ``p^γ* / Σ p^γ*`` of a distribution, with entropy ``target_entropy``.
 
@@ -290,7 +313,8 @@ def entropy_normalize(
 
   Args:
     probs: non-negative array; each slice along ``axis`` is a (possibly unnormalized) distribution.
-    target_entropy, axis, where, relative, num_iters: as in :func:`entropy_softmax`.
+    target_entropy, axis, where, relative, num_iters, implementation: as in
+      :func:`entropy_softmax`.
 
   Returns:
     The normalized distribution, with the shape and dtype of ``probs``.
@@ -302,12 +326,13 @@ def entropy_normalize(
     (0.0, 0.6931)
   """
   probs = jnp.asarray(probs)
-  axis = canonicalize_axis(axis, probs.ndim)
-  nonzero = probs != 0  # NaN counts as valid so that it propagates
-  logits = jnp.log(jnp.where(nonzero, probs, 1.0))
-  x, valid = _rows(logits, where, axis, nonzero)
-  d, valid, gamma = _solve(x, valid, target_entropy, relative, num_iters)
-  return jnp.moveaxis(normalized_exp(d, valid, gamma), -1, axis).astype(_output_dtype(probs.dtype))
+  # Zero probabilities become -inf logits (masked); NaN stays valid so that it propagates.
+  nonzero = probs != 0
+  logits = jnp.where(nonzero, jnp.log(jnp.where(nonzero, probs, 1.0)), -jnp.inf)
+  _, _, sol, axis, _ = _from_logits(
+    logits, where, axis, target_entropy, relative, num_iters, implementation
+  )
+  return jnp.moveaxis(sol.probs, -1, axis).astype(_output_dtype(probs.dtype))
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
@@ -320,6 +345,7 @@ def entropy_softmax_cross_entropy(
   *,
   relative: bool = False,
   num_iters: int | None = None,
+  implementation: str | None = None,
 ) -> jax.Array:
   """Cross-entropy of ``labels`` against the entropy-normalized distribution of ``logits``.
 
@@ -330,7 +356,8 @@ def entropy_softmax_cross_entropy(
   Args:
     logits: array of logits.
     labels: probabilities broadcastable to ``logits``.
-    target_entropy, axis, where, relative, num_iters: as in :func:`entropy_softmax`.
+    target_entropy, axis, where, relative, num_iters, implementation: as in
+      :func:`entropy_softmax`.
 
   Returns:
     The loss, of shape ``logits.shape`` without ``axis``.
@@ -341,9 +368,10 @@ def entropy_softmax_cross_entropy(
     >>> loss.shape
     ()
   """
-  d, valid, gamma, axis, dtype = _from_logits(
-    logits, where, axis, target_entropy, relative, num_iters
+  x, where, sol, axis, dtype = _from_logits(
+    logits, where, axis, target_entropy, relative, num_iters, implementation
   )
   labels = jnp.moveaxis(jnp.broadcast_to(jnp.asarray(labels), jnp.shape(logits)), axis, -1)
-  log_q = jnp.where(valid, _log_probs(d, valid, gamma), 0.0)
-  return (-jnp.sum(jnp.where(valid, labels * log_q, 0.0), axis=-1)).astype(dtype)
+  log_q = _log_probs(x, where, sol.gamma)
+  finite = log_q > -jnp.inf
+  return (-jnp.sum(jnp.where(finite, labels * log_q, 0.0), axis=-1)).astype(dtype)

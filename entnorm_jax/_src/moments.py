@@ -1,13 +1,19 @@
-"""Per-row statistics of softmax(γ·z): the one routine every solver calls.
+"""Per-row statistics of softmax(γ·z): the routines every solver calls.
 
 For logits ``z`` shifted so that the row maximum is 0 (``d = z - max z``, so ``d <= 0`` on valid
-entries) and ``e_i = exp(γ d_i)`` over the valid entries, the moments ``S_k = Σ e_i (d_i - c)^k``
-(centred on a per-row ``c``) give everything Newton- and Halley-type steps on γ need:
+entries and ``d = -inf`` on masked ones) and ``e_i = exp(γ d_i)``, the sums
+``S_k = Σ e_i (d_i - c)^k`` (centred on a per-row ``c``) give everything Newton- and Halley-type
+steps on γ need:
 
     q_i = e_i / S_0,      m = E_q[d] = c + S_1/S_0,      V = Var_q[d],      κ = E_q[(d - m)^3],
     H(γ) = log S_0 - γ m,      H'(γ) = -γ V,      H''(γ) = -V - γ κ.
 
 Centring on the previous iterate's mean keeps ``V`` and ``κ`` accurate when they are small.
+
+On XLA's CPU backend every reduction over a ``[rows, n]`` array is a separate pass that costs about
+as much as reading the array, whatever arithmetic it does; so an evaluation computes ``e`` once
+and asks only for the sums its caller needs: two for the entropy (a "light" evaluation, enough to
+check convergence), four for a Halley step (a "full" one).
 """
 
 from __future__ import annotations
@@ -25,7 +31,6 @@ class RowStats(NamedTuple):
     n_valid: number of valid entries (float, shape = batch).
     n_ties: number of valid entries equal to the row maximum.
     gap: distance from the maximum to the next smaller valid value (``inf`` if none).
-    spread: distance from the maximum to the smallest valid value.
     mean: plain mean of the shifted logits over valid entries.
     var: plain variance of the shifted logits over valid entries.
   """
@@ -33,7 +38,6 @@ class RowStats(NamedTuple):
   n_valid: jax.Array
   n_ties: jax.Array
   gap: jax.Array
-  spread: jax.Array
   mean: jax.Array
   var: jax.Array
 
@@ -44,9 +48,9 @@ class Moments(NamedTuple):
   Attributes:
     entropy: H(γ) in nats.
     mean: E_q[d].
-    var: Var_q[d] (= -H'(γ)/γ).
-    third: third central moment E_q[(d - mean)^3] (= dVar/dγ).
-    excess: H(γ) - log(n_ties), computed without cancellation (used near the argmax limit).
+    var: Var_q[d] (= -H'(γ)/γ); NaN after a light evaluation.
+    third: third central moment E_q[(d - mean)^3] (= dVar/dγ); NaN after a light evaluation.
+    excess: H(γ) - log(n_ties), for the argmax end.
   """
 
   entropy: jax.Array
@@ -75,67 +79,124 @@ def shift_rows(x: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
   return d, zmax
 
 
-def row_stats(d: jax.Array, valid: jax.Array) -> RowStats:
-  """Exponential-free statistics of shifted logits (see :class:`RowStats`)."""
-  dtype = d.dtype
-  n = jnp.sum(valid, axis=-1).astype(dtype)
-  ties = jnp.sum(valid & (d == 0), axis=-1).astype(dtype)
-  below = valid & (d < 0)
-  gap = -jnp.max(jnp.where(below, d, -jnp.inf), axis=-1)
-  spread = -jnp.min(jnp.where(valid, d, 0.0), axis=-1)
-  safe_n = jnp.maximum(n, 1.0)
-  mean = jnp.sum(d, axis=-1) / safe_n  # masked entries of d are 0
-  var = jnp.sum(jnp.where(valid, jnp.square(d - mean[..., None]), 0.0), axis=-1) / safe_n
-  return RowStats(n, ties, gap, spread, mean, var)
+def _counts(dm: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Valid entries (``dm != -inf``) and entries at the maximum (``dm == 0``) of each row, as floats.
 
-
-def _weighted_sum(d, mask, gamma, center, power, k):
-  """Σ_i exp(γ d_i) (d_i - c)^power over ``mask``: one reduction reading ``d`` and ``mask``.
-
-  γ and c are nudged by (k + 1) times the smallest normal number (no change in value): a distinct
-  k per sum keeps XLA from sharing exp(γ·d) or d - c between the sums, which on the CPU backend
-  turns them into one multi-output fusion that runs about twice as slowly as separate fused
-  reductions.
+  Rows of fewer than 4096 entries count both in one float reduction (``valid + (n + 1)·tie``,
+  exact while it stays below 2^24): on the CPU every reduction is a pass over the data.
   """
-  nudge = (k + 1) * jnp.finfo(d.dtype).tiny
-  g = (gamma + nudge)[..., None]
-  y = d - (center + nudge)[..., None]
-  return jnp.sum(jnp.where(mask, jnp.exp(g * d) * y**power, 0.0), axis=-1)
+  n = dm.shape[-1]
+  ones = jnp.where(dm != -jnp.inf, 1.0, 0.0).astype(dm.dtype)
+  at_max = jnp.where(dm == 0, 1.0, 0.0).astype(dm.dtype)
+  if n < 4096:
+    packed = jnp.sum(ones + (n + 1.0) * at_max, axis=-1).astype(jnp.int32)
+    return (packed % (n + 1)).astype(dm.dtype), (packed // (n + 1)).astype(dm.dtype)
+  return jnp.sum(ones, axis=-1), jnp.sum(at_max, axis=-1)
 
 
-def row_moments(
-  d: jax.Array, valid: jax.Array, gamma: jax.Array, center: jax.Array, n_ties: jax.Array
-) -> Moments:
-  """Moments of softmax(γ·d) in one pass over the row.
+class Shifted(NamedTuple):
+  """A block of rows shifted to maximum 0, in the two forms evaluations read.
+
+  Attributes:
+    zmax: ``[...]`` maxima over valid entries (0 for a row with none, NaN for a row with a
+      valid NaN).
+    d: ``[..., n]`` the shifted logits ``x - max``, 0 at masked entries (for moments).
+    dm: the same with ``-inf`` at masked entries (for exponentials: ``exp(γ dm) = 0`` there).
+  """
+
+  zmax: jax.Array
+  d: jax.Array
+  dm: jax.Array
+
+
+def shifted(x: jax.Array, where: jax.Array | None, zmax: jax.Array | None = None) -> Shifted:
+  """:class:`Shifted` rows of ``x`` ``[..., n]`` (``-inf`` entries and ``where`` False are masked).
+
+  ``zmax``, the row maxima over valid entries, is computed unless given.
+  """
+  valid = x != -jnp.inf  # a NaN is valid: it makes its row NaN
+  if where is not None:
+    valid = valid & where
+  if zmax is None:
+    zmax = jnp.max(jnp.where(valid, x, -jnp.inf), axis=-1)
+    zmax = jnp.where(jnp.isneginf(zmax), 0.0, zmax)
+  top = zmax[..., None]
+  # Exactly 0 at the maximum even when XLA recomputes x (say, scaled attention scores) inside each
+  # consumer and contracts ``x - max`` into a fused multiply-add: ties are counted on it.
+  dm = jnp.where(valid, jnp.where(x >= top, 0.0, x - top), -jnp.inf)
+  return Shifted(zmax, jnp.where(valid, dm, 0.0), dm)
+
+
+def row_stats(rows: Shifted) -> RowStats:
+  """The exponential-free :class:`RowStats` of shifted rows.
+
+  The variance is taken about the maximum (``E[d²] - E[d]²``): it only seeds the first guess, and
+  one pass fewer matters more than its digits when the row's spread is tiny next to its mean.
+  """
+  n, ties = _counts(rows.dm)
+  gap = -jnp.max(jnp.where(rows.dm < 0, rows.dm, -jnp.inf), axis=-1)
+  safe_n = jnp.maximum(n, 1.0)
+  mean = jnp.sum(rows.d, axis=-1) / safe_n
+  var = jnp.maximum(jnp.sum(rows.d * rows.d, axis=-1) / safe_n - mean * mean, 0.0)
+  return RowStats(n, ties, gap, mean, var)
+
+
+def evaluate(
+  rows: Shifted, gamma: jax.Array, n_ties: jax.Array, *, full: bool
+) -> tuple[Moments, jax.Array, jax.Array]:
+  """Moments of softmax(γ·d) from one exponential per entry.
+
+  All sums are taken about the maximum (``S_k = Σ e d^k``). For the mean this is what the entropy
+  needs: ``log S_0 - γ m`` with γ times the rounding of m below eps·log n even when γ is large.
+  The variance ``S_2/S_0 - m²`` would cancel only for a tight cluster far below the maximum, which
+  q never is (its largest weight is at the maximum).
 
   Args:
-    d: shifted logits ``[..., n]`` (``d <= 0`` on valid entries, max exactly 0).
-    valid: boolean mask ``[..., n]``.
+    rows: the :class:`Shifted` rows.
     gamma: ``[...]`` inverse temperature, ``γ >= 0``.
-    center: ``[...]`` centring point, ideally close to the mean under q.
-    n_ties: ``[...]`` number of valid entries with ``d == 0``.
+    n_ties: ``[...]`` number of valid entries at the maximum.
+    full: also compute the variance and third moment (two more passes).
 
   Returns:
-    :class:`Moments` of the row.
+    ``(moments, e, s0)``: the :class:`Moments` (variance and third moment NaN unless ``full``),
+    the unnormalized weights ``e = exp(γ d)`` (0 where masked) and their sum per row, so that
+    ``e / s0`` is the distribution.
   """
-  sums = [_weighted_sum(d, valid, gamma, center, k, k=k) for k in range(4)]
-  # Mass off the argmax set, summed on its own so that H - log m keeps its digits near log m.
-  rest = _weighted_sum(d, valid & (d < 0), gamma, center, 0, k=4)
-  return moments_from_sums(*sums, rest, gamma, center, n_ties)
+  # γ = 0 (the uniform edge) as a tiny γ: exp(γ·-inf) must be 0 at masked entries, not NaN.
+  g = jnp.maximum(gamma, jnp.finfo(rows.d.dtype).tiny)
+  e = jnp.exp(g[..., None] * rows.dm)
+  d = rows.d
+  s0 = jnp.sum(e, axis=-1)
+  mean = jnp.sum(e * d, axis=-1) / s0
+  if full:
+    a2 = jnp.sum(e * jax.lax.integer_pow(d, 2), axis=-1) / s0
+    a3 = jnp.sum(e * jax.lax.integer_pow(d, 3), axis=-1) / s0
+    var = jnp.maximum(a2 - mean * mean, 0.0)
+    third = a3 - 3.0 * mean * a2 + 2.0 * mean * mean * mean
+  else:
+    var = third = jnp.full_like(s0, jnp.nan)
+  entropy, excess = _entropies(s0, mean, gamma, n_ties)
+  return Moments(entropy, mean, var, third, excess), e, s0
 
 
-def moments_from_sums(s0, s1, s2, s3, rest, gamma, center, n_ties) -> Moments:
-  """:class:`Moments` from the sums ``S_k = Σ e (d - c)^k`` (k = 0..3) and the off-argmax mass.
+def _entropies(s0, mean, gamma, n_ties):
+  """``H = log S_0 - γ m`` and ``H - log m_ties``; the mass off the argmax set is ``S_0 - m`` (each
+  tie contributes exactly 1): its rounding is at the level of eps · m, far below what a target in
+  (log m, log n) needs."""
+  m = jnp.maximum(n_ties, 1.0)
+  entropy = jnp.log(s0) - gamma * mean
+  excess = jnp.log1p(jnp.maximum(s0 - m, 0.0) / m) - gamma * mean
+  return entropy, excess
 
-  Shared by :func:`row_moments` and the blockwise attention, which accumulates the same sums over
-  key blocks.
-  """
+
+def moments_from_sums(s0, s1, s2, s3, gamma, center, n_ties) -> Moments:
+  """:class:`Moments` from the sums ``S_k = Σ e (d - c)^k`` (k = 0..3), for callers that accumulate
+  them in one sweep (the blockwise attention, over key blocks)."""
   a1 = s1 / s0
   a2 = s2 / s0
   a3 = s3 / s0
   mean = center + a1
   var = jnp.maximum(a2 - a1 * a1, 0.0)
   third = a3 - 3.0 * a1 * a2 + 2.0 * a1 * a1 * a1
-  entropy = jnp.log(s0) - gamma * mean
-  excess = jnp.log1p(rest / jnp.maximum(n_ties, 1.0)) - gamma * mean
+  entropy, excess = _entropies(s0, mean, gamma, n_ties)
   return Moments(entropy, mean, var, third, excess)

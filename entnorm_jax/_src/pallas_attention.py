@@ -224,8 +224,8 @@ def _pallas_forward(cfg: Config, q, k, v, target, q_ok, k_ok, mask):
         functools.partial(_stats_kernel, *statics),
         lay.grid_q,
         base_specs + ok_specs + extra_in,
-        [lay.row_block()] * 7,
-        lay.rows(7),
+        [lay.row_block()] * (1 + len(RowStats._fields)),
+        lay.rows(1 + len(RowStats._fields)),
         lay.q, lay.k, lay.q_ok, lay.k_ok, *extra,
     )  # fmt: skip
     return outs[0], RowStats(*outs[1:])

@@ -1,26 +1,31 @@
-"""Solving H(softmax(γ·z)) = H_target for γ, and its implicit derivative.
+"""Solving H(softmax(γ·z)) = H_target for γ.
 
 The entropy H(γ) falls strictly from log n (γ = 0) to log m (γ → ∞, m = ties at the maximum).
-Each iteration takes one pass over the row (:func:`row_moments`) and a safeguarded Halley step
-whose variable depends on the side of the target the iterate is on:
+Every step works in a coordinate in which H is nearly linear, chosen by the side of the target
+the row is on when its derivatives are measured:
 
-* H(γ) > H_t (γ too small): Halley on ``log(log n - H)`` as a function of ``log γ``, which is
-  close to linear near the uniform end (``log n - H ≈ γ² V_0 / 2``);
-* H(γ) < H_t (γ too large): Halley on ``log(H - log m)`` as a function of ``γ``, which is close to
-  linear near the argmax end (``H - log m ≈ c γ e^{-γ δ}``).
+* H(γ) > H_t (γ too small): ``u = log(log n - H)`` as a function of ``τ = log γ``, close to linear
+  near the uniform end (``log n - H ≈ γ² V_0 / 2``);
+* H(γ) < H_t (γ too large): ``w = log(H - log m)`` as a function of ``τ = γ``, close to linear near
+  the argmax end (``H - log m ≈ c γ e^{-γ δ}``).
 
-A bracket on γ is kept from monotonicity; a step that leaves it is replaced by geometric
-bisection. The iteration count is fixed (``lax.fori_loop``), so the solve is jit/vmap friendly.
+An evaluation is a pass over the row (:func:`entnorm_jax._src.moments.evaluate`). A *full*
+evaluation gives F, F' and F'' (F the coordinate minus its value at the target) at its point,
+the *anchor*; the step from it is the third-order inverse-Taylor (Chebyshev) step. A *light*
+evaluation gives only F at a new point; the step from it inverts the cubic through the anchor's
+value and two derivatives and the new value (inverse Hermite interpolation). Light evaluations cost
+half as much, and one is enough to confirm a row that the previous step brought within a few
+hundredths of a nat of its target. A bracket on γ is kept from monotonicity; a step that leaves
+it is replaced by geometric bisection.
 
-The derivative never goes through the loop: γ* is defined by F(γ, z, H_t) = H(γ; z) - H_t = 0,
-and the implicit function theorem gives (with q, m, V at γ*)
-
-    ∂γ*/∂z_i = -γ* q_i (z_i - m) / V,        ∂γ*/∂H_t = -1 / (γ* V).
+The loop stops when every row of the block is within ``tol`` nats of its target (``tol`` = 2e-6
+nats in float32, 1e-12 in float64, times max(1, log n)), or after a fixed number of full
+iterations when the caller asks for one. Its last evaluation is at the returned γ, so the caller
+can reuse its weights as the output.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -28,23 +33,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from entnorm_jax._src.moments import Moments, RowStats, row_moments, row_stats
+from entnorm_jax._src.moments import Moments, RowStats
 
 # exp(-x) underflows to 0 beyond these (float32 subnormals end near 103.3, float64 near 744.4):
 # at γ = _ARGMAX_EXPONENT / gap the distribution is the argmax-uniform one in that precision.
 _ARGMAX_EXPONENT = {np.dtype("float32"): 110.0, np.dtype("float64"): 750.0}
 
-# Default iteration counts: enough for |H - H_t| <= 2e-4 nats (float32) and ~1e-12 (float64) on the
-# accuracy battery in the tests and benchmarks.
-DEFAULT_NUM_ITERS = {np.dtype("float32"): 8, np.dtype("float64"): 12}
+# A row is on target when |H - H_t| <= _TOLERANCE * max(1, log n).
+_TOLERANCE = {np.dtype("float32"): 2e-6, np.dtype("float64"): 1e-12}
 
+# The most evaluations a block may take before it stops anyway (near-ties on long rows need ~10).
+MAX_EVALUATIONS = {np.dtype("float32"): 32, np.dtype("float64"): 48}
+
+# The next evaluation is light when every row still moving is this close to its target (nats):
+# from there one third-order step lands within the tolerance on the test battery.
+LIGHT_WITHIN = 0.03
 
 _MAX_LOG_GROWTH = float(np.log(16.0))
-
-
-def default_num_iters(dtype) -> int:
-  """Iterations used when ``num_iters=None`` for a compute dtype (float32 or float64)."""
-  return DEFAULT_NUM_ITERS[np.dtype(dtype)]
 
 
 class Bounds(NamedTuple):
@@ -52,225 +57,353 @@ class Bounds(NamedTuple):
 
   log_n: jax.Array  # entropy at γ = 0
   log_m: jax.Array  # entropy as γ → ∞
-  gamma_lo: jax.Array  # γ* >= gamma_lo
   gamma_hi: jax.Array  # γ* <= gamma_hi (argmax-uniform in the working precision)
 
 
 def entropy_bounds(stats: RowStats, dtype) -> Bounds:
-  """The reachable entropy range [log m, log n] of each row and a finite bracket on γ."""
+  """The reachable entropy range [log m, log n] of each row and a finite upper bound on γ."""
   log_n = jnp.log(jnp.maximum(stats.n_valid, 1.0))
   log_m = jnp.log(jnp.maximum(stats.n_ties, 1.0))
   cap = _ARGMAX_EXPONENT[np.dtype(dtype)]
   gamma_hi = jnp.where(jnp.isfinite(stats.gap) & (stats.gap > 0), cap / stats.gap, 1.0)
-  return Bounds(log_n, log_m, jnp.zeros_like(log_n), gamma_hi)
+  return Bounds(log_n, log_m, gamma_hi)
+
+
+def tolerance(bounds: Bounds, dtype) -> jax.Array:
+  """|H - H_t| (nats) below which a row counts as solved."""
+  return _TOLERANCE[np.dtype(dtype)] * jnp.maximum(bounds.log_n, 1.0)
+
+
+class _Model(NamedTuple):
+  """A two-part model of a row: its m maxima at 0, and n - m Gaussian values below the gap.
+
+  The values below the maximum are taken as draws from N(μ, s²) (their mean and variance)
+  conditioned on d <= -gap, the observed second value. At γ, with β = (-gap - μ)/s,
+  a = β - γ s and λ = φ(a)/Φ(a) (the inverse Mills ratio), the tilted bulk has
+
+      log E[e^{γ d}] = γ μ + (γ s)²/2 + log Φ(a) - log Φ(β),
+      mean M = μ + γ s² - s λ,      variance W = s² (1 - a λ - λ²),
+
+  and the mixture (weight w of the bulk, 1 - w at 0) has H - log m = log1p(S_b/m) - γ w M and
+  V = w W + w (1 - w) M². It is exact for the infinite Gaussian and for m ties plus one value,
+  and sees what both end-point models miss: a finite row runs out of large values.
+  """
+
+  log_m: jax.Array
+  m: jax.Array
+  rest: jax.Array  # n - m
+  mu: jax.Array
+  s: jax.Array
+  beta: jax.Array
+  log_phi_beta: jax.Array
+
+  @classmethod
+  def of(cls, stats: RowStats, bounds: Bounds):
+    n, m = stats.n_valid, jnp.maximum(stats.n_ties, 1.0)
+    rest = jnp.maximum(n - m, 1.0)
+    mu = stats.mean * n / rest  # the maxima are 0
+    # Σ_rest (d - μ)² = n V_0 + n (mean - μ)² - m μ² (the maxima's share removed).
+    ss = n * stats.var + n * jnp.square(stats.mean - mu) - m * mu * mu
+    s = jnp.sqrt(jnp.maximum(ss / rest, 0.0))
+    s = jnp.where(s > 0, s, 1.0)
+    gap = jnp.where(jnp.isfinite(stats.gap), stats.gap, 0.0)
+    beta = (-gap - mu) / s
+    return cls(bounds.log_m, m, rest, mu, s, beta, jax.scipy.special.log_ndtr(beta))
+
+  def at(self, gamma):
+    """``(H - log m, V, mean)`` of the model at γ."""
+    a = self.beta - gamma * self.s
+    log_phi_a = jax.scipy.special.log_ndtr(a)
+    mills = jnp.exp(-0.5 * a * a - 0.5 * np.log(2 * np.pi) - log_phi_a)
+    log_e = gamma * self.mu + 0.5 * jnp.square(gamma * self.s) + log_phi_a - self.log_phi_beta
+    mean_b = self.mu + gamma * self.s * self.s - self.s * mills
+    var_b = self.s * self.s * jnp.maximum(1.0 - a * mills - mills * mills, 1e-6)
+    ratio = self.rest / self.m * jnp.exp(log_e)
+    w = ratio / (1.0 + ratio)
+    excess = jnp.log1p(ratio) - gamma * w * mean_b
+    var = w * var_b + w * (1.0 - w) * mean_b * mean_b
+    return excess, var, w * mean_b
 
 
 def _binary_model_gamma(n_ties, gap, target, log_m):
-  """γ at which m ties at 0 plus one entry at -gap have entropy ``target`` (scalar bisection).
+  """γ at which m ties at 0 plus one entry at -gap have entropy ``target``.
 
-  With x = γ·gap, r = e^{-x}: H(x) = log(m + r) + x r / (m + r), falling from log(m + 1) to log m.
-  Rows whose target is above log(m + 1) get 0. Work is per row, independent of the row length.
+  With x = γ·gap, r = e^{-x}, p = r / (m + r): H(x) - log m = log1p(r/m) + x p, falling from
+  log(1 + 1/m) to 0. Newton on log(H - log m), unrolled (per-row work, independent of n), from the
+  large-x solution of r (1 + x) = m (H_t - log m). Rows whose target is above log(m + 1) get 0.
   """
-
-  def model_entropy(x):
+  m = jnp.maximum(n_ties, 1.0)
+  excess = target - log_m
+  reachable = (excess > 0) & (excess < jnp.log1p(1.0 / m))
+  log_goal = jnp.log(jnp.where(reachable, excess, 1.0))
+  x = jnp.maximum(-jnp.log(m) - log_goal, 1e-3)
+  x = jnp.maximum(jnp.log1p(x) - jnp.log(m) - log_goal, 1e-3)
+  for _ in range(4):
     r = jnp.exp(-x)
-    return jnp.log(n_ties + r) + x * r / (n_ties + r)
-
-  def body(_, lohi):
-    lo, hi = lohi
-    mid = 0.5 * (lo + hi)
-    above = model_entropy(mid) > target
-    return jnp.where(above, mid, lo), jnp.where(above, hi, mid)
-
-  lo = jnp.zeros_like(target)
-  hi = jnp.full_like(target, 120.0)
-  lo, hi = jax.lax.fori_loop(0, 40, body, (lo, hi))
-  x = jnp.where(target > log_m, 0.5 * (lo + hi), 0.0)
-  return jnp.where(jnp.isfinite(gap) & (gap > 0), x / gap, 0.0)
+    p = r / (m + r)
+    e = jnp.log1p(r / m) + x * p
+    slope = -x * p * (1.0 - p) / e  # d log(e) / dx
+    x = jnp.clip(x - (jnp.log(e) - log_goal) / slope, 1e-3, 120.0)
+  return jnp.where(reachable & jnp.isfinite(gap) & (gap > 0), x / gap, 0.0)
 
 
-def _guesses(stats: RowStats, bounds: Bounds, target: jax.Array):
-  deficit = jnp.maximum(bounds.log_n - target, 0.0)
-  spread = jnp.where(stats.spread > 0, stats.spread, 1.0)
-  gamma_lo = jnp.sqrt(8.0 * deficit) / spread
-  var0 = jnp.where(stats.var > 0, stats.var, 1.0)
-  gamma_uniform = jnp.sqrt(2.0 * deficit / var0)
-  gamma_argmax = _binary_model_gamma(stats.n_ties, stats.gap, target, bounds.log_m)
-  return gamma_uniform, gamma_argmax, gamma_lo
+# The model is used while its tilted bulk is cut at most this many deviations above its mean
+# (a >= -_MODEL_DEPTH); beyond, float32 loses its variance to cancellation and the row is in the
+# argmax regime anyway.
+_MODEL_DEPTH = 4.0
 
 
-def initial_gamma(
-  stats: RowStats, bounds: Bounds, target: jax.Array
-) -> tuple[jax.Array, jax.Array]:
-  """First guess and lower bound for γ* from exponential-free statistics.
-
-  Near the uniform end log n - H(γ) ≈ γ² V_0 / 2 (V_0 the plain variance), and since V <= R²/4
-  (R the spread), γ* >= sqrt(8 (log n - H_t)) / R. Near the argmax end the two-level model of
-  :func:`_binary_model_gamma` is a lower estimate too; the guess is the larger of the two.
+def _model_gamma(model: _Model, bounds: Bounds, target, gamma, steps: int = 6):
+  """Solves the :class:`_Model` for ``target`` by safeguarded Newton steps, unrolled (per-row work,
+  independent of n), from ``gamma``: on ``log(log n - H)`` against ``log γ`` while the model's
+  entropy is above the target, on ``log(H - log m)`` against ``γ`` below it.
 
   Returns:
-    ``(gamma0, gamma_lo)``, both of the batch shape.
+    ``(gamma, mean, reached)``: the model's γ, its mean of d there (a centre for the first
+    moments), and whether the target lies within the model's range (else γ is its upper end).
   """
-  gamma_uniform, gamma_argmax, gamma_lo = _guesses(stats, bounds, target)
-  gamma0 = jnp.clip(jnp.maximum(gamma_uniform, gamma_argmax), gamma_lo, bounds.gamma_hi)
-  return gamma0, gamma_lo
+  cap = jnp.minimum(bounds.gamma_hi, (model.beta + _MODEL_DEPTH) / model.s)
+  excess_cap, _, _ = model.at(cap)
+  reached = bounds.log_m + excess_cap < target
+  lo = jnp.zeros_like(gamma)
+  hi = cap
+  gamma = jnp.clip(gamma, 0.0, cap)
+  goal_u = jnp.log(bounds.log_n - target)
+  goal_w = jnp.log(target - bounds.log_m)
+  for _ in range(steps):
+    excess, var, _ = model.at(gamma)
+    entropy = bounds.log_m + excess
+    high = entropy > target
+    lo = jnp.where(high, jnp.maximum(lo, gamma), lo)
+    hi = jnp.where(high, hi, jnp.minimum(hi, gamma))
+    deficit = bounds.log_n - entropy
+    step_u = (jnp.log(deficit) - goal_u) / (gamma * gamma * var / deficit)
+    up = gamma * jnp.exp(jnp.clip(-step_u, -_MAX_LOG_GROWTH, _MAX_LOG_GROWTH))
+    down = gamma + (jnp.log(excess) - goal_w) / (gamma * var / excess)
+    new = jnp.where(high, up, down)
+    inside = (new >= lo) & (new <= hi) & jnp.isfinite(new)
+    gamma = jnp.where(inside, new, jnp.where(lo > 0, jnp.sqrt(lo * hi), 0.5 * hi))
+  gamma = jnp.where(reached, gamma, cap)
+  return gamma, model.at(gamma)[2], reached
 
 
-def initial_center(stats: RowStats, bounds: Bounds, target: jax.Array) -> jax.Array:
-  """Where to centre the first moments: where q's mass is expected at the first guess.
+class Start(NamedTuple):
+  """The first iterate of each row: γ, the centre for its moments, and whether it is final."""
 
-  On the maximum (0) when the argmax model sets the guess, on the plain mean otherwise; a centre
-  far from q's mean cancels the variance away in float32.
-  """
-  gamma_uniform, gamma_argmax, _ = _guesses(stats, bounds, target)
-  return jnp.where(gamma_argmax > gamma_uniform, 0.0, stats.mean)
-
-
-class _State(NamedTuple):
   gamma: jax.Array
-  lo: jax.Array
-  hi: jax.Array
   center: jax.Array
+  fixed: jax.Array  # an edge row (clamped target, empty or NaN): γ is the answer, no steps
 
 
-def _halley(f, f1, f2):
-  """Halley's correction -f/f' / (1 - f f'' / (2 f'^2)), its curvature factor kept in [1/2, 2].
+def initial_gamma(stats: RowStats, bounds: Bounds, target: jax.Array) -> Start:
+  """First guess for γ* from exponential-free statistics; edges get their final γ.
 
-  The factor keeps the Newton direction (which is right for a monotone f) when f'' is large.
+  Near the uniform end log n - H(γ) ≈ γ² V_0 / 2 (V_0 the plain variance); from there the guess
+  solves the row's :class:`_Model`. The first moments are centred on the model's mean (a centre
+  far from q's mean cancels the variance away in float32). ``target`` must already be clamped to
+  [log m, log n].
   """
-  newton = -f / f1
-  half_l = jnp.clip(0.5 * f * f2 / (f1 * f1), -1.0, 0.5)
-  return newton / (1.0 - half_l)
-
-
-def halley_update(state: _State, mom, target, bounds: Bounds) -> _State:
-  """One safeguarded Halley update of γ from the moments at the current γ (per-row scalars).
-
-  Shared by the dense solver and the blockwise attention, which accumulates the same moments
-  over key blocks.
-  """
-  g = state.gamma
-  h1 = -g * mom.var  # H'(γ)
-  h2 = -mom.var - g * mom.third  # H''(γ)
-  too_high = mom.entropy > target  # γ too small
-  lo = jnp.where(too_high, jnp.maximum(state.lo, g), state.lo)
-  hi = jnp.where(too_high, state.hi, jnp.minimum(state.hi, g))
-
-  # Low side (γ too large): w(γ) = log(H - log m), a step in γ.
-  ex = mom.excess
-  w = jnp.log(ex) - jnp.log(target - bounds.log_m)
-  w1 = h1 / ex
-  w2 = h2 / ex - w1 * w1
-  g_low = g + _halley(w, w1, w2)
-
-  # High side (γ too small): u(t) = log(log n - H), t = log γ.
-  deficit = bounds.log_n - mom.entropy
-  u = jnp.log(deficit) - jnp.log(bounds.log_n - target)
-  du = -g * h1  # d(log n - H)/dt
-  u1 = du / deficit
-  u2 = (du - g * g * h2) / deficit - u1 * u1
-  # At most a factor 16 per step: from a plateau (near-ties) the local slope predicts
-  # far too much, and one-hot overshoots cancel V away, which would stall the next steps.
-  g_high = g * jnp.exp(jnp.minimum(_halley(u, u1, u2), _MAX_LOG_GROWTH))
-
-  # Near convergence the two transforms can disagree in sign at rounding level; a step against the
-  # side the iterate is on is such noise, so the iterate stays.
-  proposal = jnp.where(too_high, jnp.maximum(g_high, g), jnp.minimum(g_low, g))
-  inside = (proposal >= lo) & (proposal <= hi) & jnp.isfinite(proposal)
-  bisect = jnp.where(lo > 0, jnp.sqrt(lo * hi), 0.5 * hi)
-  # A row on target to rounding keeps its γ: rounding noise must not bisect it away.
-  eps = jnp.finfo(g.dtype).eps
-  converged = jnp.abs(mom.entropy - target) <= 8.0 * eps * jnp.maximum(bounds.log_n, 1.0)
-  gamma = jnp.where(converged, g, jnp.where(inside, proposal, bisect))
-  return _State(gamma, lo, hi, mom.mean)
-
-
-def normalized_exp(d: jax.Array, valid: jax.Array, gamma: jax.Array) -> jax.Array:
-  """softmax(γ·d) over valid entries, exactly 0 elsewhere (all zeros for an all-masked row)."""
-  e = jnp.where(valid, jnp.exp(gamma[..., None] * d), 0.0)
-  s0 = jnp.sum(e, axis=-1, keepdims=True)  # >= 1 when the row has a valid entry (d_max = 0)
-  return e / jnp.where(s0 > 0, s0, 1.0)
-
-
-def iterate(
-  stats: RowStats,
-  bounds: Bounds,
-  target: jax.Array,
-  num_iters: int,
-  moments_fn: Callable[[jax.Array, jax.Array], Moments],
-) -> tuple[jax.Array, jax.Array]:
-  """The fixed-count solve, for any way of computing the moments of a row.
-
-  Args:
-    stats: exponential-free statistics of the rows.
-    bounds: :func:`entropy_bounds` of ``stats``.
-    target: target entropies in nats (clamped here to [log m, log n]).
-    num_iters: static number of Halley iterations (``lax.fori_loop``).
-    moments_fn: ``(gamma, center) -> Moments`` at the current iterate (one pass over the data:
-      :func:`row_moments` for dense rows, a sweep over key blocks for blockwise attention).
-
-  Returns:
-    ``(gamma, center)``: γ* with the edges applied (γ = 0 at or above log n, the argmax cap at or
-    below log m, 0 for empty rows, NaN for rows holding a valid NaN), and the last iterate's mean.
-  """
-  target = jnp.clip(target, bounds.log_m, bounds.log_n)
-  gamma0, gamma_lo = initial_gamma(stats, bounds, target)
-  state = _State(gamma0, gamma_lo, bounds.gamma_hi, initial_center(stats, bounds, target))
-
-  def body(_, state):
-    return halley_update(state, moments_fn(state.gamma, state.center), target, bounds)
-
-  state = jax.lax.fori_loop(0, num_iters, body, state)
-  gamma = jnp.where(target <= bounds.log_m, bounds.gamma_hi, state.gamma)
-  gamma = jnp.where(target >= bounds.log_n, 0.0, gamma)  # also all-tied rows (log m = log n)
-  gamma = jnp.where(stats.n_valid > 0, gamma, 0.0)
+  deficit = jnp.maximum(bounds.log_n - target, 0.0)
+  gamma = jnp.sqrt(2.0 * deficit / jnp.where(stats.var > 0, stats.var, 1.0))
+  gamma = jnp.minimum(gamma, bounds.gamma_hi)
+  model_gamma, center, reached = _model_gamma(_Model.of(stats, bounds), bounds, target, gamma)
+  ok = jnp.isfinite(model_gamma) & (model_gamma > 0) & jnp.isfinite(center)
+  gamma = jnp.where(ok, model_gamma, gamma)
+  # Beyond the model's range: the argmax regime, where m ties and the next value decide.
+  gamma_argmax = _binary_model_gamma(stats.n_ties, stats.gap, target, bounds.log_m)
+  argmax = ~(ok & reached)
+  gamma = jnp.where(argmax, jnp.minimum(jnp.maximum(gamma, gamma_argmax), bounds.gamma_hi), gamma)
+  # q's mean rises with γ from the plain mean (γ = 0) to the maximum, 0 (γ → ∞).
+  center = jnp.where(argmax, 0.0, jnp.where(ok, center, stats.mean))
+  center = jnp.clip(center, stats.mean, 0.0)
+  at_argmax = target <= bounds.log_m
+  at_uniform = target >= bounds.log_n  # also empty and all-tied rows (log m = log n)
+  gamma = jnp.where(at_argmax, bounds.gamma_hi, gamma)
+  gamma = jnp.where(at_uniform, 0.0, gamma)
   # A valid NaN makes the row maximum NaN; propagate it to γ (and so to the row's output).
-  return jnp.where(jnp.isnan(stats.mean), jnp.nan, gamma), state.center
+  gamma = jnp.where(jnp.isnan(stats.mean), jnp.nan, gamma)
+  fixed = at_argmax | at_uniform | jnp.isnan(stats.mean)
+  return Start(gamma, center, fixed)
 
 
-def _solve_loop(d, valid, target, num_iters):
-  """The dense solve; returns γ (batch shape). No gradient flows through it."""
-  d, target = jax.lax.stop_gradient((d, target))
-  stats = row_stats(d, valid)
-  bounds = entropy_bounds(stats, d.dtype)
-  moments_fn = lambda gamma, center: row_moments(d, valid, gamma, center, stats.n_ties)
-  return iterate(stats, bounds, target, num_iters, moments_fn)[0]
+class _Rows(NamedTuple):
+  """Per-row solver state between evaluations (each of the batch shape)."""
+
+  gamma: jax.Array  # where the last evaluation was made
+  lo: jax.Array  # bracket: H(lo) > H_t (or lo = 0)
+  hi: jax.Array  # bracket: H(hi) < H_t (or the argmax bound)
+  center: jax.Array  # mean under q at gamma: the centre of the next evaluation's moments
+  done: jax.Array  # on target (or an edge row)
+  error: jax.Array  # |H - H_t| at gamma
+  high: jax.Array  # the anchor's coordinate: u(log γ) if True, w(γ) if False
+  tau_a: jax.Array  # anchor: coordinate, value and two derivatives there
+  f_a: jax.Array
+  f1_a: jax.Array
+  f2_a: jax.Array
+  tau: jax.Array  # the coordinate and value at gamma, in the anchor's coordinate
+  f: jax.Array
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
-def solve_shifted(d: jax.Array, valid: jax.Array, target: jax.Array, num_iters: int) -> jax.Array:
-  """γ* >= 0 with H(softmax(γ*·d)) = clip(target, log m, log n), per row of ``d``.
+def _coordinates(high, gamma, mom: Moments, target, bounds: Bounds):
+  """``(τ, F)`` of the current point in the chosen coordinate (see the module docstring)."""
+  u = jnp.log(bounds.log_n - mom.entropy) - jnp.log(bounds.log_n - target)
+  w = jnp.log(mom.excess) - jnp.log(target - bounds.log_m)
+  return jnp.where(high, jnp.log(gamma), gamma), jnp.where(high, u, w)
+
+
+def _derivatives(high, gamma, mom: Moments, bounds: Bounds):
+  """dF/dτ and d²F/dτ² from a full evaluation (H' = -γ V, H'' = -V - γ κ)."""
+  h1 = -gamma * mom.var
+  h2 = -mom.var - gamma * mom.third
+  deficit = bounds.log_n - mom.entropy
+  du = gamma * gamma * mom.var  # d(log n - H)/dτ, τ = log γ
+  u1 = du / deficit
+  u2 = (du - gamma * gamma * h2) / deficit - u1 * u1
+  w1 = h1 / mom.excess
+  w2 = h2 / mom.excess - w1 * w1
+  return jnp.where(high, u1, w1), jnp.where(high, u2, w2)
+
+
+def _observe(rows: _Rows, mom: Moments, full, target, bounds: Bounds, tol, fixed) -> _Rows:
+  """Folds an evaluation at ``rows.gamma`` into the state: bracket, convergence, anchor."""
+  g = rows.gamma
+  too_high = mom.entropy > target  # γ too small
+  error = jnp.abs(mom.entropy - target)
+  done = fixed | (error <= tol) | jnp.isnan(mom.entropy)
+  lo = jnp.where(too_high, jnp.maximum(rows.lo, g), rows.lo)
+  hi = jnp.where(too_high, rows.hi, jnp.minimum(rows.hi, g))
+  # A full evaluation becomes the anchor (in the coordinate of the side the row is on now) of the
+  # rows that are still far from their target, or have none yet. A row within LIGHT_WITHIN keeps
+  # its anchor whatever its block's evaluation was, so that its steps depend on its own values
+  # alone: a row's γ does not depend on the rows it is solved with.
+  renew = full & ((rows.error > LIGHT_WITHIN) | jnp.isnan(rows.f_a))
+  high = jnp.where(renew, too_high, rows.high)
+  tau, f = _coordinates(high, g, mom, target, bounds)
+  f1, f2 = _derivatives(high, g, mom, bounds)
+  anchor = lambda new, old: jnp.where(renew, new, old)
+  return _Rows(
+    g,
+    lo,
+    hi,
+    mom.mean,
+    done,
+    error,
+    high,
+    anchor(tau, rows.tau_a),
+    anchor(f, rows.f_a),
+    anchor(f1, rows.f1_a),
+    anchor(f2, rows.f2_a),
+    tau,
+    f,
+  )
+
+
+def _step(rows: _Rows) -> jax.Array:
+  """The next γ of every row that is not done (done rows keep theirs)."""
+  b1 = 1.0 / rows.f1_a
+  b2 = -rows.f2_a * b1 * b1 * b1 / 2.0
+  dz = -rows.f_a  # from the anchor's value to 0
+  newton = b1 * dz
+  # At the anchor: the inverse-Taylor step, between 1/2 and 2 Newton steps (the direction of a
+  # monotone F's Newton step is right even where its curvature is large).
+  factor = 1.0 + jnp.clip(b2 * dz / b1, -0.5, 1.0)
+  at_anchor = rows.tau_a + newton * factor
+  # After a light evaluation: the inverse cubic through the anchor (value, 2 derivatives) and the
+  # new point.
+  dl = rows.f - rows.f_a
+  safe_dl = jnp.where(dl != 0, dl, 1.0)
+  b3 = (rows.tau - rows.tau_a - b1 * dl - b2 * dl * dl) / (safe_dl * safe_dl * safe_dl)
+  hermite = rows.tau_a + newton + b2 * dz * dz + b3 * dz * dz * dz
+  tau = jnp.where((rows.tau == rows.tau_a) | (dl == 0), at_anchor, hermite)
+  g = rows.gamma
+  # At most a factor 16 per step upwards: from a plateau (near-ties) the local slope predicts
+  # far too much, and one-hot overshoots cancel V away, which would stall the next steps.
+  log_g = jnp.log(g)
+  proposal = jnp.where(rows.high, jnp.exp(jnp.minimum(tau, log_g + _MAX_LOG_GROWTH)), tau)
+  inside = (proposal >= rows.lo) & (proposal <= rows.hi) & jnp.isfinite(proposal)
+  bisect = jnp.where(rows.lo > 0, jnp.sqrt(rows.lo * rows.hi), 0.5 * rows.hi)
+  return jnp.where(rows.done, g, jnp.where(inside, proposal, bisect))
+
+
+# Evaluation modes, per row: what the solver needs from the next pass over the row.
+SKIP, LIGHT, FULL = 0, 1, 2
+
+Evaluate = Callable[[jax.Array, jax.Array, jax.Array, object], tuple[Moments, jax.Array, object]]
+
+
+def start(stats: RowStats, bounds: Bounds, target: jax.Array) -> tuple[jax.Array, Start]:
+  """The target clamped to [log m, log n], and the :class:`Start` of each row."""
+  target = jnp.clip(target, bounds.log_m, bounds.log_n)
+  return target, initial_gamma(stats, bounds, target)
+
+
+def solve(bounds: Bounds, target: jax.Array, first: Start, evaluate: Evaluate, aux, *, num_iters):
+  """Solves every row; the loop runs until all are on target.
 
   Args:
-    d: shifted logits ``[..., n]`` (max 0 on valid entries, 0 at masked entries).
-    valid: boolean mask ``[..., n]``.
-    target: ``[...]`` target entropies in nats.
-    num_iters: static number of iterations.
+    bounds: :func:`entropy_bounds` of the rows.
+    target: target entropies in nats, clamped to [log m, log n] (see :func:`start`).
+    first: the rows' :class:`Start`.
+    evaluate: ``(gamma, center, mode, aux) -> (moments, full, aux)``: a pass over the rows at γ,
+      ``center`` the mean at each row's previous evaluation and ``mode`` per row :data:`SKIP`
+      (done), :data:`LIGHT` (the entropy suffices) or :data:`FULL` (derivatives wanted). It may
+      evaluate more than asked (a block of rows is evaluated in the most demanding mode of its
+      rows); ``full`` says, per row, whether the moments include the variance and third moment.
+      ``aux`` is the caller's carry (the output, written as blocks are evaluated). Moments of
+      rows in :data:`SKIP` may be anything.
+    aux: the initial carry.
+    num_iters: ``None`` for the adaptive loop (light evaluations when they suffice, until every
+      row is on target or after :data:`MAX_EVALUATIONS`); an int k for exactly k Halley-type
+      steps (k + 1 full evaluations), converged rows keeping their γ.
 
   Returns:
-    γ* of shape ``[...]``.
+    ``(gamma, center, aux)``: γ of the last evaluation of each row, with the edges applied (0 at
+    or above log n, the argmax bound at or below log m, 0 for empty rows, NaN for rows holding a
+    valid NaN), the mean of d there, and the final carry.
   """
-  return _solve_loop(d, valid, target, num_iters)
+  dtype = target.dtype
+  tol = tolerance(bounds, dtype)
+  nan = jnp.full_like(target, jnp.nan)
+  rows = _Rows(
+    first.gamma,
+    jnp.zeros_like(target),
+    bounds.gamma_hi,
+    first.center,
+    jnp.zeros(target.shape, bool),
+    nan,
+    jnp.zeros(target.shape, bool),
+    nan,
+    nan,
+    nan,
+    nan,
+    nan,
+    nan,
+  )
+  adaptive = num_iters is None
+  limit = MAX_EVALUATIONS[np.dtype(dtype)] if adaptive else num_iters + 1
 
+  def visit(rows, mode, stuck, aux):
+    mom, full, aux = evaluate(rows.gamma, rows.center, mode, aux)
+    seen = _observe(rows, mom, full, target, bounds, tol, first.fixed | stuck)
+    keep = mode == SKIP
+    return jax.tree.map(lambda old, new: jnp.where(keep, old, new), rows, seen), aux
 
-@solve_shifted.defjvp
-def _solve_shifted_jvp(num_iters, primals, tangents):
-  d, valid, target = primals
-  d_dot, _, target_dot = tangents
-  gamma = solve_shifted(d, valid, target, num_iters)
-  # q, m, V at the solution, written with differentiable ops (second order comes for free).
-  q = normalized_exp(d, valid, gamma)
-  mean = jnp.sum(q * d, axis=-1)
-  centred = jnp.where(valid, d - mean[..., None], 0.0)
-  var = jnp.sum(q * centred * centred, axis=-1)
-  stats_n = jnp.sum(valid, axis=-1)
-  n_ties = jnp.sum(valid & (jax.lax.stop_gradient(d) == 0), axis=-1)
-  log_n = jnp.log(jnp.maximum(stats_n, 1).astype(d.dtype))
-  log_m = jnp.log(jnp.maximum(n_ties, 1).astype(d.dtype))
-  # Clamped targets (and rows at γ = 0 or with zero variance) do not move: tangent 0.
-  denom = gamma * var
-  free = (target > log_m) & (target < log_n) & (denom > 0)
-  safe_denom = jnp.where(free, denom, 1.0)
-  numer = gamma * gamma * jnp.sum(q * centred * d_dot, axis=-1) + target_dot
-  gamma_dot = jnp.where(free, -numer / safe_denom, 0.0)
-  return gamma, gamma_dot
+  rows, aux = visit(rows, jnp.full(target.shape, FULL, jnp.int8), first.fixed, aux)
+
+  def cond(carry):
+    count, rows, _ = carry
+    going = count < limit
+    return going & jnp.any(~rows.done) if adaptive else going
+
+  def body(carry):
+    count, rows, aux = carry
+    gamma = _step(rows)
+    # A step that rounds to nothing leaves the row where this precision lets it be.
+    stuck = gamma == rows.gamma
+    wants_full = (rows.error > LIGHT_WITHIN) if adaptive else True
+    mode = jnp.where(rows.done, SKIP, jnp.where(wants_full, FULL, LIGHT)).astype(jnp.int8)
+    rows, aux = visit(rows._replace(gamma=gamma), mode, stuck, aux)
+    return count + 1, rows, aux
+
+  _, rows, aux = jax.lax.while_loop(cond, body, (1, rows, aux))
+  return rows.gamma, rows.center, aux

@@ -1,0 +1,202 @@
+"""The entropy-normalized softmax of a ``[rows, n]`` array: the solve laid out for the platform,
+and its implicit derivative.
+
+Layouts (``implementation``):
+
+* ``"tiled"`` (the CPU default): rows are solved in blocks of about 2 MiB, one after another
+  (``lax.map``), so that every pass of a block's solve reads memory that is already in cache,
+  and each block stops as soon as its own rows are on target;
+* ``"xla"`` (the GPU/TPU default): every pass covers the whole array, and the loop stops when every
+  row is on target.
+
+Both run the same per-block solve (:func:`entnorm_jax._src.solver.solve`) and give the same
+answers. The output is ``e / S_0`` from the solve's last evaluation: no extra exponential.
+
+The derivative never goes through the loop. γ* is defined by F(γ, z, H_t) = H(γ; z) - H_t = 0, and
+the implicit function theorem gives, with q, m = E_q[z] and V = Var_q[z] at γ*,
+
+    ∂γ*/∂z_i = -γ* q_i (z_i - m) / V,        ∂γ*/∂H_t = -1 / (γ* V),
+    dq = q ⊙ (γ* (dz - E_q[dz]) + (z - m) dγ*).
+
+The rule is written from the solution (q, γ*) with differentiable operations, so it can itself be
+differentiated (second order), and in reverse mode it costs two reductions more than softmax's.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from entnorm_jax._src.moments import evaluate, row_stats, shifted
+from entnorm_jax._src.solver import FULL, entropy_bounds, solve, start
+
+IMPLEMENTATIONS = ("tiled", "xla")
+
+# Bytes of logits per block in the tiled layout: a block's passes then run from the cache. Measured
+# on a 2-core x86 machine (2 MiB L2, 32 MiB L3): 1-4 MiB blocks cost the same, 8 MiB twice as much.
+TILE_BYTES = 2**21
+
+
+class Config(NamedTuple):
+  """Static settings of a solve (hashable)."""
+
+  relative: bool
+  num_iters: int | None  # None: adaptive
+  implementation: str | None  # None: by platform
+
+
+class Solution(NamedTuple):
+  """Per-row results: ``probs`` ``[rows, n]``, the others ``[rows]``.
+
+  Attributes:
+    probs: q = softmax(γ*·z), exactly 0 where masked; a row with nothing valid is all zeros.
+    gamma: γ*.
+    target_scale: ∂(target in nats)/∂target where the target is inside (log m, log n)
+      (``log n`` with ``relative``, else 1), and 0 where it was clamped to an edge.
+  """
+
+  probs: jax.Array
+  gamma: jax.Array
+  target_scale: jax.Array
+
+
+def tile_rows(rows: int, n: int, itemsize: int) -> int:
+  """Rows per block of the tiled layout: about :data:`TILE_BYTES`, dividing ``rows`` if it can."""
+  cap = max(1, min(rows, TILE_BYTES // max(1, n * itemsize)))
+  for t in range(cap, (cap + 1) // 2 - 1, -1):
+    if rows % t == 0:
+      return t
+  return cap
+
+
+def _solve_block(x, where, target, relative: bool, num_iters) -> Solution:
+  """Solves ``[T, n]`` rows (any T): the body of both layouts."""
+  rows = shifted(x, where)
+  stats = row_stats(rows)
+  bounds = entropy_bounds(stats, x.dtype)
+  nats = target * bounds.log_n if relative else target
+  free = (nats > bounds.log_m) & (nats < bounds.log_n)
+  scale = jnp.where(free, bounds.log_n if relative else 1.0, 0.0)
+
+  def evaluate_rows(gamma, center, mode, aux):
+    # The block is evaluated in the most demanding mode of its rows that are not done; dense rows
+    # take their moments about the maximum (see moments.evaluate), not about ``center``.
+    del center, aux
+
+    def run(full: bool):
+      mom, e, s0 = evaluate(rows, gamma, stats.n_ties, full=full)
+      return mom, jnp.full(gamma.shape, full), (e, s0)
+
+    return jax.lax.cond(jnp.any(mode == FULL), lambda: run(True), lambda: run(False))
+
+  first = start(stats, bounds, nats)
+  gamma, _, (e, s0) = solve(
+    bounds, *first, evaluate_rows, (rows.d, stats.n_valid), num_iters=num_iters
+  )
+  return Solution(e / jnp.where(s0 > 0, s0, 1.0)[..., None], gamma, scale)
+
+
+def _tiled(block, x, where, target) -> Solution:
+  """Runs ``block`` over blocks of :func:`tile_rows` rows, one after another.
+
+  The output is written block by block into a copy of ``x`` (no zero fill); when the blocks do
+  not divide the rows, the last one overlaps its predecessor (those rows are solved twice, with
+  the same result: a row's solution does not depend on the rows solved with it).
+  """
+  rows, n = x.shape
+  t = tile_rows(rows, n, x.dtype.itemsize)
+  if t >= rows:
+    return block(x, where, target)
+
+  def body(i, out: Solution) -> Solution:
+    start = jnp.minimum(i * t, rows - t)
+    cut = lambda a: None if a is None else jax.lax.dynamic_slice_in_dim(a, start, t)
+    sol = block(cut(x), cut(where), cut(target))
+    put = lambda buf, a: jax.lax.dynamic_update_slice_in_dim(buf, a, start, 0)
+    return jax.tree.map(put, out, sol)
+
+  per_row = jnp.zeros_like(target)
+  return jax.lax.fori_loop(0, -(-rows // t), body, Solution(x, per_row, per_row))
+
+
+def _layout(x, where, target, cfg: Config) -> Solution:
+  block = functools.partial(_solve_block, relative=cfg.relative, num_iters=cfg.num_iters)
+  tiled = functools.partial(_tiled, block)
+  if cfg.implementation == "tiled":
+    return tiled(x, where, target)
+  if cfg.implementation == "xla":
+    return block(x, where, target)
+  return jax.lax.platform_dependent(x, where, target, cpu=tiled, default=block)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
+def solve_rows(x: jax.Array, where: jax.Array | None, target: jax.Array, cfg: Config) -> Solution:
+  """Entropy-normalized softmax of every row of ``x``.
+
+  Args:
+    x: logits ``[rows, n]`` in the compute dtype (float32 or float64); ``-inf`` is masked.
+    where: ``None`` or a boolean mask ``[rows, n]``.
+    target: ``[rows]`` targets (nats, or fractions of log n_valid with ``cfg.relative``).
+    cfg: static :class:`Config`.
+
+  Returns:
+    The :class:`Solution`.
+  """
+  x, target = jax.lax.stop_gradient((x, target))
+  return _layout(x, where, target, cfg)
+
+
+def _tangents(q, x, gamma, scale, dx, dt):
+  """The tangents ``(dq, dγ)`` of a block of rows (see the module docstring), linear in
+  ``(dx, dt)``; written from the solution alone, so that it can itself be differentiated."""
+  on = q > 0  # the support (masked entries may hold -inf logits)
+  dx = jnp.where(on, dx, 0.0)
+  mean = jnp.sum(q * jnp.where(on, x, 0.0), axis=-1, keepdims=True)
+  centred = jnp.where(on, x - mean, 0.0)
+  var = jnp.sum(q * centred * centred, axis=-1)
+  denom = gamma * var
+  moves = (scale != 0) & (denom > 0)
+  dot = jnp.sum(q * centred * dx, axis=-1)
+  dgamma = -(gamma * gamma * dot + scale * dt) / jnp.where(moves, denom, 1.0)
+  dgamma = jnp.where(moves, dgamma, 0.0)
+  du = gamma[..., None] * (dx - jnp.sum(q * dx, axis=-1, keepdims=True))
+  return q * (du + centred * dgamma[..., None]), dgamma
+
+
+def _tiled_tangents(q, x, gamma, scale, dx, dt):
+  """:func:`_tangents` over blocks of :func:`tile_rows` rows (``lax.map``), each recomputing its
+  moments (``jax.checkpoint``): reverse mode then also runs block by block from the cache,
+  instead of as whole-array passes with whole-array temporaries."""
+  rows, n = x.shape
+  t = tile_rows(rows, n, x.dtype.itemsize)
+  args = (q, x, gamma, scale, dx, dt)
+  if t >= rows:
+    return _tangents(*args)
+  whole = rows - rows % t
+  blocks = lambda a: a[:whole].reshape(whole // t, t, *a.shape[1:])
+  body = jax.checkpoint(lambda a: _tangents(*a))
+  dq, dgamma = jax.tree.map(
+    lambda a: a.reshape(whole, *a.shape[2:]), jax.lax.map(body, tuple(map(blocks, args)))
+  )
+  if whole == rows:
+    return dq, dgamma
+  dq_tail, dgamma_tail = _tangents(*(a[whole:] for a in args))
+  return jnp.concatenate([dq, dq_tail]), jnp.concatenate([dgamma, dgamma_tail])
+
+
+@solve_rows.defjvp
+def _solve_rows_jvp(cfg, primals, tangents):
+  x, where, target = primals
+  dx, _, dt = tangents
+  sol = solve_rows(x, where, target, cfg)
+  args = (sol.probs, x, sol.gamma, sol.target_scale, dx, dt)
+  if cfg.implementation == "tiled":
+    dq, dgamma = _tiled_tangents(*args)
+  elif cfg.implementation == "xla":
+    dq, dgamma = _tangents(*args)
+  else:
+    dq, dgamma = jax.lax.platform_dependent(*args, cpu=_tiled_tangents, default=_tangents)
+  return sol, Solution(dq, dgamma, jnp.zeros_like(sol.target_scale))
