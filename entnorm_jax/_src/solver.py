@@ -153,7 +153,7 @@ def _binary_model_gamma(n_ties, gap, target, log_m):
 _MODEL_DEPTH = 4.0
 
 
-def _model_gamma(model: _Model, bounds: Bounds, target, gamma, steps: int = 6):
+def _model_gamma(model: _Model, bounds: Bounds, target, gamma, steps: int = 3):
   """Solves the :class:`_Model` for ``target`` by safeguarded Newton steps, unrolled (per-row work,
   independent of n), from ``gamma``: on ``log(log n - H)`` against ``log γ`` while the model's
   entropy is above the target, on ``log(H - log m)`` against ``γ`` below it.
