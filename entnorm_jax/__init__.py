@@ -14,6 +14,9 @@ from entnorm_jax._src.functions import entropy_softmax as entropy_softmax
 from entnorm_jax._src.functions import (
   entropy_softmax_cross_entropy as entropy_softmax_cross_entropy,
 )
+from entnorm_jax._src.functions import (
+  entropy_softmax_cross_entropy_with_integer_labels as entropy_softmax_cross_entropy_with_integer_labels,  # noqa: E501
+)
 from entnorm_jax._src.functions import solve_gamma as solve_gamma
 
 try:
@@ -27,5 +30,6 @@ __all__ = [
   "entropy_normalize",
   "entropy_softmax",
   "entropy_softmax_cross_entropy",
+  "entropy_softmax_cross_entropy_with_integer_labels",
   "solve_gamma",
 ]

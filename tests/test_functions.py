@@ -271,3 +271,70 @@ def test_jit_vmap_compose(rng):
       xs, ts
     )
     np.testing.assert_allclose(jnp.moveaxis(out, in_axes, 0), direct, atol=1e-6)
+
+
+def test_relative_may_be_traced():
+  x = jax.random.normal(jax.random.key(4), (3, 12))
+  q = jax.jit(en.entropy_softmax)(x, 0.5, relative=True)
+  np.testing.assert_allclose(np_entropy(q), 0.5 * np.log(12), atol=2e-4)
+  both = jax.jit(jax.vmap(lambda r: en.entropy_softmax(x, 0.5, relative=r)))(
+    jnp.array([True, False])
+  )
+  np.testing.assert_allclose(np_entropy(both[0]), 0.5 * np.log(12), atol=2e-4)
+  np.testing.assert_allclose(np_entropy(both[1]), 0.5, atol=2e-4)
+
+
+def test_empty_axis_gives_empty_like_softmax():
+  x = jnp.zeros((3, 0))
+  assert en.entropy_softmax(x, 1.0).shape == jax.nn.softmax(x).shape == (3, 0)
+  assert en.entropy_log_softmax(x, 1.0).shape == (3, 0)
+  np.testing.assert_array_equal(en.solve_gamma(x, 1.0), np.zeros(3))
+  np.testing.assert_array_equal(en.entropy(x), np.zeros(3))
+
+
+def test_integer_label_cross_entropy(rng):
+  x = jnp.asarray(rng.normal(size=(4, 10)), jnp.float32)
+  labels = jnp.array([0, 3, 9, 5])
+  loss = en.entropy_softmax_cross_entropy_with_integer_labels(x, labels, 1.1)
+  ref = -en.entropy_log_softmax(x, 1.1)[jnp.arange(4), labels]
+  np.testing.assert_allclose(loss, ref, rtol=1e-6)
+  one_hot = jax.nn.one_hot(labels, 10)
+  np.testing.assert_allclose(loss, en.entropy_softmax_cross_entropy(x, one_hot, 1.1), rtol=1e-6)
+  masked = en.entropy_softmax_cross_entropy_with_integer_labels(
+    x, labels, 1.1, where=jnp.arange(10) != 9
+  )
+  masked = np.asarray(masked)
+  assert masked[2] == np.inf and np.all(np.isfinite(masked[[0, 1, 3]]))
+  with pytest.raises(TypeError, match="integer_labels"):
+    en.entropy_softmax_cross_entropy(x, labels, 1.1)
+  with pytest.raises(TypeError, match="integer class indices"):
+    en.entropy_softmax_cross_entropy_with_integer_labels(x, one_hot, 1.1)
+  with pytest.raises(ValueError, match=r"labels of shape \(3,\)"):
+    en.entropy_softmax_cross_entropy_with_integer_labels(x, labels[:3], 1.1)
+
+
+def test_complex_logits_are_refused():
+  with pytest.raises(TypeError, match="real logits"):
+    en.entropy_softmax(jnp.ones(4, jnp.complex64), 1.0)
+
+
+def test_rows_do_not_depend_on_their_batch(rng):
+  # The solve stops block by block, but a row's iterates depend on its own values alone: solving
+  # it alone, in another batch, or in another layout gives the same answer (to rounding).
+  x = jnp.asarray(3 * rng.normal(size=(96, 300)), jnp.float32)
+  t = jnp.asarray(rng.uniform(0.05, 0.95, 96) * np.log(300), jnp.float32)
+  f = jax.jit(en.solve_gamma, static_argnames="implementation")
+  batch = f(x, t)
+  alone = jnp.concatenate([f(x[i : i + 1], t[i : i + 1]) for i in range(0, 96, 13)])
+  np.testing.assert_allclose(batch[::13], alone, rtol=2e-6)
+  np.testing.assert_allclose(f(x, t, implementation="xla"), batch, rtol=2e-6)
+  np.testing.assert_allclose(f(x[::-1], t[::-1])[::-1], batch, rtol=2e-6)
+
+
+def test_fixed_iteration_count_converges_to_the_adaptive_answer(rng):
+  x = jnp.asarray(rng.normal(size=(8, 64)), jnp.float32)
+  t = jnp.asarray(rng.uniform(0.1, 0.9, 8) * np.log(64), jnp.float32)
+  f = jax.jit(en.entropy_softmax, static_argnames="num_iters")
+  errors = [np.abs(np_entropy(f(x, t, num_iters=k)) - t).max() for k in (0, 1, 2, 12)]
+  assert errors[0] > errors[2] and errors[-1] <= 2e-5
+  np.testing.assert_allclose(f(x, t, num_iters=12), f(x, t), atol=1e-5)

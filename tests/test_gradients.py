@@ -151,3 +151,20 @@ def test_sharded_inputs_match_one_device():
   )
   assert out.returncode == 0, out.stderr[-3000:]
   assert "sharding ok" in out.stdout
+
+
+def test_check_grads_every_differentiable_output(logits64):
+  targets = jnp.array([0.4, 1.0, 1.6])
+  weights = jnp.arange(1.0, 8.0)
+  labels = jax.nn.softmax(jnp.sin(jnp.arange(21.0)).reshape(3, 7))
+  outputs = {
+    "entropy": lambda x, t: en.entropy(x),
+    "entropy_log_softmax": lambda x, t: en.entropy_log_softmax(x, t) * weights,
+    "cross_entropy": lambda x, t: en.entropy_softmax_cross_entropy(x, labels, t),
+    "integer_labels": lambda x, t: en.entropy_softmax_cross_entropy_with_integer_labels(
+      x, jnp.array([0, 4, 6]), t
+    ),
+  }
+  for name, f in outputs.items():
+    args = (logits64, targets)
+    check_grads(jax.jit(f), args, order=2, modes=("fwd", "rev"), atol=1e-6, rtol=1e-6), name

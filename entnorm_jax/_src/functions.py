@@ -28,10 +28,12 @@ __all__ = [
   "entropy_normalize",
   "entropy_softmax",
   "entropy_softmax_cross_entropy",
+  "entropy_softmax_cross_entropy_with_integer_labels",
   "solve_gamma",
 ]
 
-_STATIC = ("axis", "relative", "num_iters", "implementation")
+# Shape the computation, so static under jit; ``relative`` is arithmetic and may be traced.
+_STATIC = ("axis", "num_iters", "implementation")
 
 
 def canonicalize_axis(axis: int, ndim: int) -> int:
@@ -68,17 +70,17 @@ def _mask(where: ArrayLike | None, shape, axis: int) -> jax.Array | None:
   return jnp.moveaxis(where.astype(bool), axis, -1)
 
 
-def _config(relative, num_iters, implementation) -> Config:
+def _config(num_iters, implementation) -> Config:
   if num_iters is not None and operator.index(num_iters) < 0:
     raise ValueError(f"num_iters must be >= 0 or None, got {num_iters}")
   if implementation is not None and implementation not in IMPLEMENTATIONS:
     raise ValueError(
       f"implementation must be None or one of {IMPLEMENTATIONS}, got {implementation!r}"
     )
-  return Config(bool(relative), num_iters, implementation)
+  return Config(num_iters, implementation)
 
 
-def _solve(x, where, target_entropy, cfg: Config):
+def _solve(x, where, target_entropy, relative, cfg: Config):
   """Solves the rows of ``x`` (normalized axis last); returns the :class:`Solution` in its shape."""
   batch = x.shape[:-1]
   target = jnp.asarray(target_entropy)
@@ -87,26 +89,37 @@ def _solve(x, where, target_entropy, cfg: Config):
       f"target_entropy of shape {target.shape} does not broadcast to the batch shape "
       f"{tuple(batch)} (logits' shape without the normalized axis)"
     )
+  relative = jnp.asarray(relative)
+  if relative.shape != () or relative.dtype != bool:
+    raise TypeError(
+      f"relative must be a boolean scalar, got {relative.dtype}{list(relative.shape)}"
+    )
   n = x.shape[-1]
-  target = jnp.broadcast_to(target.astype(x.dtype), batch).reshape(-1)
+  target = jnp.broadcast_to(target.astype(x.dtype), batch)
+  if n == 0:  # an empty distribution: nothing to solve (softmax over it is empty too)
+    return Solution(x, jnp.zeros(batch, x.dtype), jnp.zeros(batch, x.dtype))
   # The solve sees plain [rows, n]: XLA's CPU reductions are markedly slower on higher-rank rows.
   rows = lambda a: None if a is None else a.reshape(-1, n)
-  sol = solve_rows(rows(x), rows(where), target, cfg)
+  sol = solve_rows(rows(x), rows(where), target.reshape(-1), relative, cfg)
   return Solution(sol.probs.reshape(x.shape), *(a.reshape(batch) for a in sol[1:]))
 
 
 def _from_logits(logits, where, axis, target_entropy, relative, num_iters, implementation):
   """``(x, where, solution, axis, dtype)`` with the normalized axis last."""
   logits = jnp.asarray(logits)
+  if jnp.issubdtype(logits.dtype, jnp.complexfloating):
+    raise TypeError(f"entropy normalization needs real logits, got {logits.dtype}")
   axis = canonicalize_axis(axis, logits.ndim)
   where = _mask(where, logits.shape, axis)
   x = jnp.moveaxis(logits, axis, -1).astype(_compute_dtype(logits.dtype))
-  sol = _solve(x, where, target_entropy, _config(relative, num_iters, implementation))
+  sol = _solve(x, where, target_entropy, relative, _config(num_iters, implementation))
   return x, where, sol, axis, _output_dtype(logits.dtype)
 
 
 def _log_probs(x, where, gamma):
   """log softmax(γ·x) over valid entries: finite there, -inf on masked ones."""
+  if x.shape[-1] == 0:
+    return x
   valid = x != -jnp.inf
   if where is not None:
     valid = valid & where
@@ -161,6 +174,9 @@ def solve_gamma(
 ) -> jax.Array:
   """The inverse temperature γ* >= 0 with H(softmax(γ*·logits)) = target_entropy.
 
+  ``target_entropy`` is in nats (``relative=False``, the default) or, with ``relative=True``, a
+  fraction of each row's maximum entropy log(n_valid): ``solve_gamma(z, 0.5, relative=True)``.
+
   Targets at or above log(n_valid) give γ* = 0 (uniform). Targets at or below log(m), m the number
   of entries tied at the maximum, give the smallest γ at which softmax(γ·logits) is the uniform
   distribution over the argmax set in the working precision (float32: ``110 / gap``, float64:
@@ -181,7 +197,7 @@ def solve_gamma(
     axis: the axis holding each distribution.
     where: optional boolean mask broadcastable to ``logits``; False entries are excluded.
     relative: read ``target_entropy`` as a fraction of each row's maximum entropy log(n_valid)
-      (default ``False``: nats).
+      (default ``False``: nats); a boolean, which may be traced.
     num_iters: ``None`` (default) iterates each block of rows until every row is within
       2e-6·max(1, log n) nats of its target (1e-12 in float64); an int k runs exactly k
       Halley-type steps (static).
@@ -221,6 +237,9 @@ def entropy_softmax(
 ) -> jax.Array:
   """Entropy-normalized softmax: ``softmax(γ*·logits)`` with entropy ``target_entropy``.
 
+  ``target_entropy`` is in nats (``relative=False``, the default) or, with ``relative=True``, a
+  fraction of each row's maximum entropy log(n_valid) (see the second example).
+
   γ* is found by :func:`solve_gamma`; the result keeps the order of the logits (ties stay ties)
   and is exactly 0 at masked entries. Differentiable w.r.t. ``logits`` and ``target_entropy``
   (forward, reverse and higher order) through the implicit derivative of γ*:
@@ -234,7 +253,7 @@ def entropy_softmax(
     axis: the axis holding each distribution.
     where: optional boolean mask broadcastable to ``logits``.
     relative: read ``target_entropy`` as a fraction of each row's maximum entropy log(n_valid)
-      (default ``False``: nats).
+      (default ``False``: nats); a boolean, which may be traced.
     num_iters: ``None`` (default) iterates each block of rows until every row is within
       2e-6·max(1, log n) nats of its target (1e-12 in float64); an int k runs exactly k
       Halley-type steps (static).
@@ -276,6 +295,9 @@ def entropy_log_softmax(
 ) -> jax.Array:
   """Logarithm of :func:`entropy_softmax`, computed stably: ``γ*·z - logsumexp(γ*·z)``.
 
+  ``target_entropy`` is in nats (``relative=False``, the default) or, with ``relative=True``, a
+  fraction of log(n_valid): ``entropy_log_softmax(z, 0.5, relative=True)``.
+
   Args:
     logits, target_entropy, axis, where, relative, num_iters, implementation: as in
       :func:`entropy_softmax`.
@@ -307,6 +329,9 @@ def entropy_normalize(
   implementation: str | None = None,
 ) -> jax.Array:
   """The power transform ``p^γ* / Σ p^γ*`` of a distribution, with entropy ``target_entropy``.
+
+  ``target_entropy`` is in nats (``relative=False``, the default) or, with ``relative=True``, a
+  fraction of log(number of nonzero entries): ``entropy_normalize(p, 0.5, relative=True)``.
 
   This is the seed's interface: a distribution in, a distribution out. Zero probabilities are
   masked and stay exactly zero; ``probs`` need not be normalized (only ratios matter).
@@ -349,6 +374,9 @@ def entropy_softmax_cross_entropy(
 ) -> jax.Array:
   """Cross-entropy of ``labels`` against the entropy-normalized distribution of ``logits``.
 
+  ``target_entropy`` is in nats (``relative=False``, the default) or, with ``relative=True``, a
+  fraction of log(n_valid).
+
   Like ``optax.losses.softmax_cross_entropy`` (labels are probabilities), with
   ``q = entropy_softmax(logits, target_entropy)``:  loss = -Σ_i labels_i log q_i over the valid
   entries (masked entries are left out of the sum).
@@ -362,16 +390,80 @@ def entropy_softmax_cross_entropy(
   Returns:
     The loss, of shape ``logits.shape`` without ``axis``.
 
+  Raises:
+    TypeError: for integer labels (see :func:`entropy_softmax_cross_entropy_with_integer_labels`).
+
   Examples:
     >>> import jax.numpy as jnp, entnorm_jax as en
     >>> loss = en.entropy_softmax_cross_entropy(jnp.array([2.0, 0.0]), jnp.array([1.0, 0.0]), 0.3)
     >>> loss.shape
     ()
   """
+  labels = jnp.asarray(labels)
+  if not jnp.issubdtype(labels.dtype, jnp.inexact):
+    raise TypeError(
+      f"labels are {labels.dtype}: this loss takes probabilities (e.g. one-hot); for class "
+      "indices use entropy_softmax_cross_entropy_with_integer_labels"
+    )
   x, where, sol, axis, dtype = _from_logits(
     logits, where, axis, target_entropy, relative, num_iters, implementation
   )
-  labels = jnp.moveaxis(jnp.broadcast_to(jnp.asarray(labels), jnp.shape(logits)), axis, -1)
+  labels = jnp.moveaxis(jnp.broadcast_to(labels, jnp.shape(logits)), axis, -1)
   log_q = _log_probs(x, where, sol.gamma)
   finite = log_q > -jnp.inf
   return (-jnp.sum(jnp.where(finite, labels * log_q, 0.0), axis=-1)).astype(dtype)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def entropy_softmax_cross_entropy_with_integer_labels(
+  logits: ArrayLike,
+  labels: ArrayLike,
+  target_entropy: ArrayLike,
+  axis: int = -1,
+  where: ArrayLike | None = None,
+  *,
+  relative: bool = False,
+  num_iters: int | None = None,
+  implementation: str | None = None,
+) -> jax.Array:
+  """Cross-entropy of class indices against the entropy-normalized distribution of ``logits``.
+
+  Like ``optax.losses.softmax_cross_entropy_with_integer_labels``, with
+  ``q = entropy_softmax(logits, target_entropy)``:  loss = -log q[label]. ``target_entropy`` is in
+  nats unless ``relative=True`` (a fraction of log(n_valid)). A label on a masked entry gives
+  ``inf``; a label out of range gives NaN (as ``jnp.take_along_axis`` fills it).
+
+  Args:
+    logits: array of logits.
+    labels: integer class indices, of the shape of ``logits`` without ``axis``.
+    target_entropy, axis, where, relative, num_iters, implementation: as in
+      :func:`entropy_softmax`.
+
+  Returns:
+    The loss, of shape ``logits.shape`` without ``axis``.
+
+  Raises:
+    TypeError: for labels that are not integers.
+    ValueError: for labels of the wrong shape (and as :func:`entropy_softmax`).
+
+  Examples:
+    >>> import jax.numpy as jnp, entnorm_jax as en
+    >>> z = jnp.array([[2.0, 0.0, -1.0], [0.5, 0.1, 0.2]])
+    >>> en.entropy_softmax_cross_entropy_with_integer_labels(z, jnp.array([0, 2]), 0.3).shape
+    (2,)
+  """
+  labels = jnp.asarray(labels)
+  if not jnp.issubdtype(labels.dtype, jnp.integer):
+    raise TypeError(f"labels must be integer class indices, got {labels.dtype}")
+  batch = np.delete(np.shape(logits), canonicalize_axis(axis, np.ndim(logits)))
+  if labels.shape != tuple(batch):
+    raise ValueError(
+      f"labels of shape {labels.shape} do not match the logits' shape without the normalized "
+      f"axis, {tuple(batch)}"
+    )
+  x, where, sol, axis, dtype = _from_logits(
+    logits, where, axis, target_entropy, relative, num_iters, implementation
+  )
+  log_q = _log_probs(x, where, sol.gamma)
+  picked = jnp.take_along_axis(log_q, labels[..., None], axis=-1, mode="fill")[..., 0]
+  return (-picked).astype(dtype)

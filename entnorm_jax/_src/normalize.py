@@ -43,7 +43,6 @@ TILE_BYTES = 2**21
 class Config(NamedTuple):
   """Static settings of a solve (hashable)."""
 
-  relative: bool
   num_iters: int | None  # None: adaptive
   implementation: str | None  # None: by platform
 
@@ -72,14 +71,15 @@ def tile_rows(rows: int, n: int, itemsize: int) -> int:
   return cap
 
 
-def _solve_block(x, where, target, relative: bool, num_iters) -> Solution:
+def _solve_block(x, where, target, relative, num_iters) -> Solution:
   """Solves ``[T, n]`` rows (any T): the body of both layouts."""
   rows = shifted(x, where)
   stats = row_stats(rows)
   bounds = entropy_bounds(stats, x.dtype)
-  nats = target * bounds.log_n if relative else target
+  scale = jnp.where(relative, bounds.log_n, 1.0)  # d(target in nats) / d(target)
+  nats = target * scale
   free = (nats > bounds.log_m) & (nats < bounds.log_n)
-  scale = jnp.where(free, bounds.log_n if relative else 1.0, 0.0)
+  scale = jnp.where(free, scale, 0.0)
 
   def evaluate_rows(gamma, center, mode, aux):
     # The block is evaluated in the most demanding mode of its rows that are not done; dense rows
@@ -99,7 +99,7 @@ def _solve_block(x, where, target, relative: bool, num_iters) -> Solution:
   return Solution(e / jnp.where(s0 > 0, s0, 1.0)[..., None], gamma, scale)
 
 
-def _tiled(block, x, where, target) -> Solution:
+def _tiled(block, x, where, target, relative) -> Solution:
   """Runs ``block`` over blocks of :func:`tile_rows` rows, one after another.
 
   The output is written block by block into a copy of ``x`` (no zero fill); when the blocks do
@@ -109,12 +109,12 @@ def _tiled(block, x, where, target) -> Solution:
   rows, n = x.shape
   t = tile_rows(rows, n, x.dtype.itemsize)
   if t >= rows:
-    return block(x, where, target)
+    return block(x, where, target, relative)
 
   def body(i, out: Solution) -> Solution:
     start = jnp.minimum(i * t, rows - t)
     cut = lambda a: None if a is None else jax.lax.dynamic_slice_in_dim(a, start, t)
-    sol = block(cut(x), cut(where), cut(target))
+    sol = block(cut(x), cut(where), cut(target), relative)
     put = lambda buf, a: jax.lax.dynamic_update_slice_in_dim(buf, a, start, 0)
     return jax.tree.map(put, out, sol)
 
@@ -122,31 +122,34 @@ def _tiled(block, x, where, target) -> Solution:
   return jax.lax.fori_loop(0, -(-rows // t), body, Solution(x, per_row, per_row))
 
 
-def _layout(x, where, target, cfg: Config) -> Solution:
-  block = functools.partial(_solve_block, relative=cfg.relative, num_iters=cfg.num_iters)
+def _layout(x, where, target, relative, cfg: Config) -> Solution:
+  block = functools.partial(_solve_block, num_iters=cfg.num_iters)
   tiled = functools.partial(_tiled, block)
   if cfg.implementation == "tiled":
-    return tiled(x, where, target)
+    return tiled(x, where, target, relative)
   if cfg.implementation == "xla":
-    return block(x, where, target)
-  return jax.lax.platform_dependent(x, where, target, cpu=tiled, default=block)
+    return block(x, where, target, relative)
+  return jax.lax.platform_dependent(x, where, target, relative, cpu=tiled, default=block)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
-def solve_rows(x: jax.Array, where: jax.Array | None, target: jax.Array, cfg: Config) -> Solution:
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4,))
+def solve_rows(
+  x: jax.Array, where: jax.Array | None, target: jax.Array, relative: jax.Array, cfg: Config
+) -> Solution:
   """Entropy-normalized softmax of every row of ``x``.
 
   Args:
     x: logits ``[rows, n]`` in the compute dtype (float32 or float64); ``-inf`` is masked.
     where: ``None`` or a boolean mask ``[rows, n]``.
-    target: ``[rows]`` targets (nats, or fractions of log n_valid with ``cfg.relative``).
+    target: ``[rows]`` targets: nats, or fractions of log n_valid where ``relative``.
+    relative: boolean scalar (may be traced).
     cfg: static :class:`Config`.
 
   Returns:
     The :class:`Solution`.
   """
   x, target = jax.lax.stop_gradient((x, target))
-  return _layout(x, where, target, cfg)
+  return _layout(x, where, target, relative, cfg)
 
 
 def _tangents(q, x, gamma, scale, dx, dt):
@@ -189,9 +192,9 @@ def _tiled_tangents(q, x, gamma, scale, dx, dt):
 
 @solve_rows.defjvp
 def _solve_rows_jvp(cfg, primals, tangents):
-  x, where, target = primals
-  dx, _, dt = tangents
-  sol = solve_rows(x, where, target, cfg)
+  x, where, target, relative = primals
+  dx, _, dt, _ = tangents
+  sol = solve_rows(x, where, target, relative, cfg)
   args = (sol.probs, x, sol.gamma, sol.target_scale, dx, dt)
   if cfg.implementation == "tiled":
     dq, dgamma = _tiled_tangents(*args)
