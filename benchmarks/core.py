@@ -34,6 +34,7 @@ import optimistix as optx
 import entnorm_jax as en
 from benchmarks import common
 from entnorm_jax._src.moments import row_stats, shifted
+from entnorm_jax._src.normalize import tile_rows
 from entnorm_jax._src.solver import entropy_bounds, start
 
 # The shapes the bars are stated for; --quick uses an eighth of the rows.
@@ -62,6 +63,19 @@ def _first_guess(x: jax.Array, target: jax.Array):
   bounds = entropy_bounds(stats, x.dtype)
   target, first = start(stats, bounds, target)
   return rows.d, bounds, target, jax.lax.stop_gradient(first.gamma)
+
+
+def statistics_pass(x: jax.Array) -> jax.Array:
+  """The core's exponential-free statistics pass alone, in its CPU layout (row blocks)."""
+  rows, n = x.shape
+  t = tile_rows(rows, n, x.dtype.itemsize)
+
+  def body(i, out):
+    block = shifted(jax.lax.dynamic_slice_in_dim(x, i * t, t), None)
+    stats = row_stats(block)
+    return jax.lax.dynamic_update_slice_in_dim(out, stats.var + stats.gap, i * t, 0)
+
+  return jax.lax.fori_loop(0, rows // t, body, jnp.zeros(rows, x.dtype))
 
 
 def _entropy_terms(gamma: jax.Array, d: jax.Array):
@@ -156,6 +170,7 @@ def _bench_shape(shape, *, quick: bool) -> dict:
     ),
     "entropy_softmax num_iters=0": lambda x, t: en.entropy_softmax(x, t, num_iters=0),
     "entropy_softmax num_iters=2": lambda x, t: en.entropy_softmax(x, t, num_iters=2),
+    "statistics pass alone": lambda x, t: statistics_pass(x),
   }
   forward["optimistix Newton"] = functools.partial(optimistix_entropy_softmax, atol=atol)
   grads = {
@@ -199,6 +214,7 @@ def _ratios(times: dict, stat: str, steps: int) -> dict:
     / t["grad entropy_softmax"],
     "whole-array layout / tiled": t["entropy_softmax implementation='xla'"] / ours,
     "num_iters=2 / adaptive": t["entropy_softmax num_iters=2"] / ours,
+    "statistics pass / softmax": t["statistics pass alone"] / t["softmax"],
     "statistics + one full evaluation / softmax": t["entropy_softmax num_iters=0"] / t["softmax"],
   }
   out["optimistix / forward"] = t["optimistix Newton"] / ours

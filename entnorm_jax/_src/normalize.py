@@ -29,8 +29,9 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from entnorm_jax._src.moments import evaluate, row_stats, shifted
+from entnorm_jax._src.moments import Shifted, evaluate, row_stats, shifted
 from entnorm_jax._src.solver import FULL, entropy_bounds, solve, start
 
 IMPLEMENTATIONS = ("tiled", "xla")
@@ -75,6 +76,7 @@ def _solve_block(x, where, target, relative, num_iters) -> Solution:
   """Solves ``[T, n]`` rows (any T): the body of both layouts."""
   rows = shifted(x, where)
   stats = row_stats(rows)
+  rows, stats, unit = _rescale_tiny_rows(rows, stats)
   bounds = entropy_bounds(stats, x.dtype)
   scale = jnp.where(relative, bounds.log_n, 1.0)  # d(target in nats) / d(target)
   nats = target * scale
@@ -96,7 +98,25 @@ def _solve_block(x, where, target, relative, num_iters) -> Solution:
   gamma, _, (e, s0) = solve(
     bounds, *first, evaluate_rows, (rows.d, stats.n_valid), num_iters=num_iters
   )
-  return Solution(e / jnp.where(s0 > 0, s0, 1.0)[..., None], gamma, scale)
+  return Solution(e / jnp.where(s0 > 0, s0, 1.0)[..., None], gamma * unit, scale)
+
+
+def _rescale_tiny_rows(rows: Shifted, stats):
+  """Rows whose values lie closer together than about sqrt(tiny) (1e-19 in float32) would lose
+  their products to underflow: they are solved on ``d`` times a power of two (exact) that brings
+  the gap below the maximum near 1, and their γ is scaled back. Returns ``(rows, stats, unit)``
+  with γ_true = γ_solved · unit. A block without such rows costs one comparison."""
+  dtype = rows.d.dtype
+  tiny = stats.gap < np.sqrt(jnp.finfo(dtype).tiny) * 1e3
+  exponent = jnp.where(tiny & (stats.gap > 0), -jnp.floor(jnp.log2(stats.gap)), 0.0)
+
+  def rescale():
+    factor = jnp.exp2(exponent)[..., None]
+    scaled = Shifted(rows.zmax, rows.d * factor, rows.dm * factor)
+    return scaled, row_stats(scaled)
+
+  rows, stats = jax.lax.cond(jnp.any(exponent != 0), rescale, lambda: (rows, stats))
+  return rows, stats, jnp.exp2(exponent)
 
 
 def _tiled(block, x, where, target, relative) -> Solution:
@@ -154,19 +174,25 @@ def solve_rows(
 
 def _tangents(q, x, gamma, scale, dx, dt):
   """The tangents ``(dq, dγ)`` of a block of rows (see the module docstring), linear in
-  ``(dx, dt)``; written from the solution alone, so that it can itself be differentiated."""
+  ``(dx, dt)``; written from the solution alone, so that it can itself be differentiated.
+
+  In terms of ``u = γ (x - m)`` (dimensionless, so nothing over- or underflows whatever the
+  logits' scale) and ``W = E_q[u²] = γ² V``:  dγ = -γ (γ E_q[u dx] + ∂H_t) / W  and
+  dq = q (γ (dx - E_q[dx]) - u (γ E_q[u dx] + ∂H_t) / W).
+  """
+  # γ = inf only at the argmax edge of a row whose gap is below float's range (110 / gap
+  # overflows): q is one-hot and locally constant there, as the tangents are with γ = 0.
+  gamma = jnp.where(jnp.isinf(gamma), 0.0, gamma)
   on = q > 0  # the support (masked entries may hold -inf logits)
   dx = jnp.where(on, dx, 0.0)
   mean = jnp.sum(q * jnp.where(on, x, 0.0), axis=-1, keepdims=True)
-  centred = jnp.where(on, x - mean, 0.0)
-  var = jnp.sum(q * centred * centred, axis=-1)
-  denom = gamma * var
-  moves = (scale != 0) & (denom > 0)
-  dot = jnp.sum(q * centred * dx, axis=-1)
-  dgamma = -(gamma * gamma * dot + scale * dt) / jnp.where(moves, denom, 1.0)
-  dgamma = jnp.where(moves, dgamma, 0.0)
+  u = jnp.where(on, gamma[..., None] * (x - mean), 0.0)
+  w = jnp.sum(q * u * u, axis=-1)
+  moves = (scale != 0) & (w > 0)
+  pull = (gamma * jnp.sum(q * u * dx, axis=-1) + scale * dt) / jnp.where(moves, w, 1.0)
+  pull = jnp.where(moves, pull, 0.0)
   du = gamma[..., None] * (dx - jnp.sum(q * dx, axis=-1, keepdims=True))
-  return q * (du + centred * dgamma[..., None]), dgamma
+  return q * (du - u * pull[..., None]), -gamma * pull
 
 
 def _tiled_tangents(q, x, gamma, scale, dx, dt):

@@ -66,6 +66,8 @@ def entropy_bounds(stats: RowStats, dtype) -> Bounds:
   log_m = jnp.log(jnp.maximum(stats.n_ties, 1.0))
   cap = _ARGMAX_EXPONENT[np.dtype(dtype)]
   gamma_hi = jnp.where(jnp.isfinite(stats.gap) & (stats.gap > 0), cap / stats.gap, 1.0)
+  # Finite even for a gap below cap / max float, so that the bracket can be bisected.
+  gamma_hi = jnp.minimum(gamma_hi, jnp.finfo(dtype).max)
   return Bounds(log_n, log_m, gamma_hi)
 
 
@@ -182,7 +184,7 @@ def _model_gamma(model: _Model, bounds: Bounds, target, gamma, steps: int = 3):
     down = gamma + (jnp.log(excess) - goal_w) / (gamma * var / excess)
     new = jnp.where(high, up, down)
     inside = (new >= lo) & (new <= hi) & jnp.isfinite(new)
-    gamma = jnp.where(inside, new, jnp.where(lo > 0, jnp.sqrt(lo * hi), 0.5 * hi))
+    gamma = jnp.where(inside, new, jnp.where(lo > 0, jnp.sqrt(lo) * jnp.sqrt(hi), 0.5 * hi))
   gamma = jnp.where(reached, gamma, cap)
   return gamma, model.at(gamma)[2], reached
 
@@ -235,6 +237,7 @@ class _Rows(NamedTuple):
   center: jax.Array  # mean under q at gamma: the centre of the next evaluation's moments
   done: jax.Array  # on target (or an edge row)
   error: jax.Array  # |H - H_t| at gamma
+  wants_full: jax.Array  # the next evaluation must give derivatives (a new anchor)
   high: jax.Array  # the anchor's coordinate: u(log γ) if True, w(γ) if False
   tau_a: jax.Array  # anchor: coordinate, value and two derivatives there
   f_a: jax.Array
@@ -273,10 +276,13 @@ def _observe(rows: _Rows, mom: Moments, full, target, bounds: Bounds, tol, fixed
   lo = jnp.where(too_high, jnp.maximum(rows.lo, g), rows.lo)
   hi = jnp.where(too_high, rows.hi, jnp.minimum(rows.hi, g))
   # A full evaluation becomes the anchor (in the coordinate of the side the row is on now) of the
-  # rows that are still far from their target, or have none yet. A row within LIGHT_WITHIN keeps
-  # its anchor whatever its block's evaluation was, so that its steps depend on its own values
-  # alone: a row's γ does not depend on the rows it is solved with.
-  renew = full & ((rows.error > LIGHT_WITHIN) | jnp.isnan(rows.f_a))
+  # rows that asked for it, or have none yet. A row that did not ask keeps its anchor whatever
+  # its block's evaluation was, so that its steps depend on its own values alone: a row's γ does
+  # not depend on the rows it is solved with.
+  renew = full & (rows.wants_full | jnp.isnan(rows.f_a))
+  # Derivatives are wanted far from the target, and where the last step did not halve the error
+  # (a stale anchor).
+  wants_full = (error > LIGHT_WITHIN) | ~(error <= 0.5 * rows.error)
   high = jnp.where(renew, too_high, rows.high)
   tau, f = _coordinates(high, g, mom, target, bounds)
   f1, f2 = _derivatives(high, g, mom, bounds)
@@ -288,6 +294,7 @@ def _observe(rows: _Rows, mom: Moments, full, target, bounds: Bounds, tol, fixed
     mom.mean,
     done,
     error,
+    wants_full,
     high,
     anchor(tau, rows.tau_a),
     anchor(f, rows.f_a),
@@ -321,7 +328,7 @@ def _step(rows: _Rows) -> jax.Array:
   log_g = jnp.log(g)
   proposal = jnp.where(rows.high, jnp.exp(jnp.minimum(tau, log_g + _MAX_LOG_GROWTH)), tau)
   inside = (proposal >= rows.lo) & (proposal <= rows.hi) & jnp.isfinite(proposal)
-  bisect = jnp.where(rows.lo > 0, jnp.sqrt(rows.lo * rows.hi), 0.5 * rows.hi)
+  bisect = jnp.where(rows.lo > 0, jnp.sqrt(rows.lo) * jnp.sqrt(rows.hi), 0.5 * rows.hi)
   return jnp.where(rows.done, g, jnp.where(inside, proposal, bisect))
 
 
@@ -371,6 +378,7 @@ def solve(bounds: Bounds, target: jax.Array, first: Start, evaluate: Evaluate, a
     first.center,
     jnp.zeros(target.shape, bool),
     nan,
+    jnp.ones(target.shape, bool),
     jnp.zeros(target.shape, bool),
     nan,
     nan,
@@ -400,7 +408,7 @@ def solve(bounds: Bounds, target: jax.Array, first: Start, evaluate: Evaluate, a
     gamma = _step(rows)
     # A step that rounds to nothing leaves the row where this precision lets it be.
     stuck = gamma == rows.gamma
-    wants_full = (rows.error > LIGHT_WITHIN) if adaptive else True
+    wants_full = rows.wants_full if adaptive else True
     mode = jnp.where(rows.done, SKIP, jnp.where(wants_full, FULL, LIGHT)).astype(jnp.int8)
     rows, aux = visit(rows._replace(gamma=gamma), mode, stuck, aux)
     return count + 1, rows, aux
