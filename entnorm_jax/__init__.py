@@ -7,6 +7,8 @@ only JAX.
 
 from importlib import metadata as _metadata
 
+from entnorm_jax._src.affinities import joint_affinities as joint_affinities
+from entnorm_jax._src.affinities import perplexity_affinities as perplexity_affinities
 from entnorm_jax._src.functions import entropy as entropy
 from entnorm_jax._src.functions import entropy_log_softmax as entropy_log_softmax
 from entnorm_jax._src.functions import entropy_normalize as entropy_normalize
@@ -31,5 +33,7 @@ __all__ = [
   "entropy_softmax",
   "entropy_softmax_cross_entropy",
   "entropy_softmax_cross_entropy_with_integer_labels",
+  "joint_affinities",
+  "perplexity_affinities",
   "solve_gamma",
 ]
