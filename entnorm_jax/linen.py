@@ -1,5 +1,11 @@
 """Flax Linen attention with entropy-normalized rows.
 
+``relative=True`` is the default in this module: ``target_entropy`` is a fraction of
+``log(n_valid)`` (the largest entropy a row over ``n_valid`` visible keys can have), unlike the core
+functions (:func:`entnorm_jax.entropy_softmax`), whose default ``relative=False`` reads it in nats.
+``EntropyMultiHeadAttention(num_heads=4, target_entropy=0.5)`` gives every attention row
+``0.5 · log(n_valid)`` nats; ``target_entropy=1.2, relative=False`` gives every row 1.2 nats.
+
 :func:`entropy_dot_product_attention` is a drop-in ``attention_fn`` for Flax's attention modules,
 and :class:`EntropyMultiHeadAttention` is a drop-in for ``flax.linen.MultiHeadDotProductAttention``
 (same attributes, same parameter tree when the target is fixed) whose attention rows all have a
@@ -38,11 +44,64 @@ __all__ = [
 ]
 
 
+_DISCUSSION = "See https://github.com/google/flax/discussions/3389"
+
+
+def _resolve_inputs(inputs_q, inputs_k, inputs_v, inputs_kv):
+  """Flax's defaults, errors and deprecation warnings for the key/value inputs.
+
+  Same conditions, categories and messages as ``flax.linen.MultiHeadDotProductAttention``.
+  """
+  if inputs_kv is not None:
+    if inputs_k is not None or inputs_v is not None:
+      raise ValueError(
+        "If either `inputs_k` or `inputs_v` is not None, `inputs_kv` must be None. If "
+        "`inputs_kv` is not None, both `inputs_k` and `inputs_v` must be None. We recommend "
+        "using `inputs_k` and `inputs_v` args, since `inputs_kv` will be deprecated soon. "
+        f"{_DISCUSSION} for more information."
+      )
+    warnings.warn(
+      "The inputs_kv arg will be deprecated soon. Use inputs_k and inputs_v instead. "
+      f"{_DISCUSSION} for more information.",
+      DeprecationWarning,
+      stacklevel=2,
+    )
+    return inputs_kv, inputs_kv
+  if inputs_k is None:
+    if inputs_v is not None:
+      raise ValueError(
+        "`inputs_k` cannot be None if `inputs_v` is not None. To have both `inputs_k` and "
+        "`inputs_v` be the same value, pass in the value to `inputs_k` and leave `inputs_v` as "
+        "None."
+      )
+    inputs_k = inputs_q
+  if inputs_v is None:
+    inputs_v = inputs_k
+  elif jnp.ndim(inputs_v) >= 2 and inputs_v.shape[-1] == inputs_v.shape[-2]:
+    warnings.warn(
+      f"You are passing an array of shape {inputs_v.shape} to the `inputs_v` arg, when you may "
+      "have intended to pass it to the `mask` arg. As of Flax version 0.7.4, the function "
+      "signature of MultiHeadDotProductAttention's `__call__` method has changed to "
+      "`__call__(inputs_q, inputs_k=None, inputs_v=None, *, inputs_kv=None, mask=None, "
+      f"deterministic=None)`. Use the kwarg `mask` instead. {_DISCUSSION} and read the "
+      "docstring for more information.",
+      DeprecationWarning,
+      stacklevel=2,
+    )
+  return inputs_k, inputs_v
+
+
 class EntropyMultiHeadAttention(nn.MultiHeadDotProductAttention):
   """Multi-head dot-product attention whose rows have a prescribed entropy.
 
+  ``relative=True`` is the default here: ``target_entropy`` is a fraction of ``log(n_valid)``, so
+  ``target_entropy=0.5`` gives every row ``0.5 · log(n_valid)`` nats, unlike the core functions
+  (:func:`entnorm_jax.entropy_softmax`) whose default ``relative=False`` reads it in nats; for
+  nats here, pass e.g. ``target_entropy=1.2, relative=False``.
+
   A drop-in for ``flax.linen.MultiHeadDotProductAttention``: the same attributes and call
-  signature (masks, dropout, ``decode=True`` caching, ``normalize_qk``, ``sow_weights``), and with a
+  signature (masks, dropout, ``decode=True`` caching with or without ``jax_enable_x64``,
+  ``normalize_qk``, ``sow_weights``, Flax's warnings for deprecated call patterns), and with a
   fixed target the same parameter tree, so checkpoints move between the two. Each attention row is
   ``softmax(γ*·s)`` with γ* chosen so its entropy is the target (see
   :func:`entropy_dot_product_attention`); the solve runs in float32 whatever ``dtype`` is.
@@ -70,6 +129,11 @@ class EntropyMultiHeadAttention(nn.MultiHeadDotProductAttention):
     >>> variables = layer.init(jax.random.key(1), x)
     >>> layer.apply(variables, x).shape
     (3, 5, 8)
+    >>> out, state = layer.apply(variables, x, sow_weights=True, mutable=["intermediates"])
+    >>> (w,) = state["intermediates"]["attention_weights"]  # [3, 2, 5, 5]
+    >>> h = -jnp.sum(w * jnp.log(w), axis=-1)  # every row: 0.5 · log(5) nats (relative)
+    >>> bool(jnp.allclose(h, 0.5 * jnp.log(5.0), atol=1e-4))
+    True
   """
 
   target_entropy: float | Sequence[float] = 0.5
@@ -107,7 +171,9 @@ class EntropyMultiHeadAttention(nn.MultiHeadDotProductAttention):
         f"autoregressive cache expects a query of shape {(*batch, 1, heads, depth)}, got "
         f"{query.shape}"
       )
-    start = (0,) * len(batch) + (index.value, 0, 0)
+    # all start indices in the cache index's dtype: Python ints would be int64 under x64
+    zero = jnp.zeros((), index.value.dtype)
+    start = (zero,) * len(batch) + (index.value, zero, zero)
     key = jax.lax.dynamic_update_slice(cached_key.value, key, start)
     value = jax.lax.dynamic_update_slice(cached_value.value, value, start)
     cached_key.value, cached_value.value = key, value
@@ -130,11 +196,16 @@ class EntropyMultiHeadAttention(nn.MultiHeadDotProductAttention):
   ) -> jax.Array:
     """Applies entropy-normalized multi-head attention.
 
+    The rows' target is ``target_entropy`` as a fraction of ``log(n_valid)`` (``relative=True``,
+    the default here) or in nats (``relative=False``, the core functions' default).
+
     Args:
       inputs_q: queries ``[batch..., q_length, features]``.
       inputs_k: keys ``[batch..., kv_length, features]`` (default: ``inputs_q``).
-      inputs_v: values ``[batch..., kv_length, features]`` (default: ``inputs_k``).
-      inputs_kv: deprecated in Flax; keys and values at once.
+      inputs_v: values ``[batch..., kv_length, features]`` (default: ``inputs_k``). As in Flax, a
+        square trailing shape (likely a mask passed positionally) warns with a
+        ``DeprecationWarning``.
+      inputs_kv: deprecated in Flax (a ``DeprecationWarning``, as there); keys and values at once.
       mask: boolean ``[batch..., num_heads, q_length, kv_length]``; False keys are excluded.
       deterministic: disables dropout (merged with the attribute as in Flax).
       dropout_rng: dropout key (default: ``self.make_rng('dropout')``).
@@ -150,15 +221,7 @@ class EntropyMultiHeadAttention(nn.MultiHeadDotProductAttention):
       raise ValueError(
         f"implementation must be one of {IMPLEMENTATIONS}, got {self.implementation!r}"
       )
-    if inputs_kv is not None:
-      if inputs_k is not None or inputs_v is not None:
-        raise ValueError("pass either inputs_kv or inputs_k/inputs_v, not both")
-      warnings.warn("inputs_kv is deprecated; use inputs_k", DeprecationWarning, stacklevel=2)
-      inputs_k = inputs_kv
-    if inputs_k is None and inputs_v is not None:
-      raise ValueError("inputs_k cannot be None when inputs_v is given")
-    inputs_k = inputs_q if inputs_k is None else inputs_k
-    inputs_v = inputs_k if inputs_v is None else inputs_v
+    inputs_k, inputs_v = _resolve_inputs(inputs_q, inputs_k, inputs_v, inputs_kv)
 
     qkv_features = self.qkv_features or inputs_q.shape[-1]
     if qkv_features % self.num_heads:

@@ -1,5 +1,11 @@
 """Flax NNX attention with entropy-normalized rows.
 
+``relative=True`` is the default in this module: ``target_entropy`` is a fraction of
+``log(n_valid)`` (the largest entropy a row over ``n_valid`` visible keys can have), unlike the core
+functions (:func:`entnorm_jax.entropy_softmax`), whose default ``relative=False`` reads it in nats.
+``EntropyMultiHeadAttention(4, 16, target_entropy=0.5, rngs=rngs)`` gives every attention row
+``0.5 · log(n_valid)`` nats; ``target_entropy=1.2, relative=False`` gives every row 1.2 nats.
+
 :class:`EntropyMultiHeadAttention` is a drop-in for ``flax.nnx.MultiHeadAttention`` (same
 constructor plus the target settings, same parameters when the target is fixed) whose attention rows
 all have a prescribed entropy. :func:`entropy_dot_product_attention` is the same function as in
@@ -38,11 +44,17 @@ __all__ = [
 class EntropyMultiHeadAttention(nnx.MultiHeadAttention):
   """Multi-head attention whose rows have a prescribed entropy, for Flax NNX.
 
+  ``relative=True`` is the default here: ``target_entropy`` is a fraction of ``log(n_valid)``, so
+  ``target_entropy=0.5`` gives every row ``0.5 · log(n_valid)`` nats, unlike the core functions
+  (:func:`entnorm_jax.entropy_softmax`) whose default ``relative=False`` reads it in nats; for
+  nats here, pass e.g. ``target_entropy=1.2, relative=False``.
+
   Constructed like ``flax.nnx.MultiHeadAttention`` (every argument is passed on) plus the target
-  settings; masks, ``is_causal``, dropout, ``decode`` caching (``init_cache``), grouped-query heads
-  (``num_kv_heads``) and ``sow_weights`` behave as there. With a fixed target the parameters are
-  exactly Flax's, so ``nnx.state(module, nnx.Param)`` moves between the two. Each attention row is
-  ``softmax(γ*·s)`` with entropy equal to the target, solved in float32 whatever ``dtype`` is.
+  settings; masks, ``is_causal``, dropout, ``decode`` caching (``init_cache``; with or without
+  ``jax_enable_x64``), grouped-query heads (``num_kv_heads``) and ``sow_weights`` behave as there.
+  With a fixed target the parameters are exactly Flax's, so ``nnx.state(module, nnx.Param)`` moves
+  between the two. Each attention row is ``softmax(γ*·s)`` with entropy equal to the target, solved
+  in float32 whatever ``dtype`` is.
 
   Args:
     num_heads: number of query heads.
@@ -70,8 +82,14 @@ class EntropyMultiHeadAttention(nnx.MultiHeadAttention):
     >>> from entnorm_jax.nnx import EntropyMultiHeadAttention
     >>> layer = EntropyMultiHeadAttention(num_heads=2, in_features=8, target_entropy=0.5,
     ...                                   decode=False, rngs=nnx.Rngs(0))
-    >>> layer(jax.random.normal(jax.random.key(0), (3, 5, 8))).shape
+    >>> x = jax.random.normal(jax.random.key(0), (3, 5, 8))
+    >>> layer(x).shape
     (3, 5, 8)
+    >>> _, inter = nnx.capture(lambda m, x: m(x, sow_weights=True), nnx.Intermediate)(layer, x)
+    >>> (w,) = inter["attention_weights"]  # [3, 2, 5, 5]
+    >>> h = -jax.numpy.sum(w * jax.numpy.log(w), axis=-1)  # 0.5 · log(5) nats (relative)
+    >>> bool(jax.numpy.allclose(h, 0.5 * jax.numpy.log(5.0), atol=1e-4))
+    True
   """
 
   def __init__(
@@ -107,7 +125,10 @@ class EntropyMultiHeadAttention(nnx.MultiHeadAttention):
       self.target_entropy = tuple(target.tolist()) if target.ndim else float(target)
 
   def target(self) -> jax.Array:
-    """The current target: a scalar or ``[num_heads]`` (relative fraction or nats)."""
+    """The current target: a scalar or ``[num_heads]``.
+
+    A fraction of ``log(n_valid)`` with ``relative=True`` (the default here), else nats.
+    """
     if self.learn_target:
       return raw_to_target(self.target_raw[...], relative=self.relative)
     return jnp.asarray(self.target_entropy)
@@ -122,7 +143,9 @@ class EntropyMultiHeadAttention(nnx.MultiHeadAttention):
         f"autoregressive cache expects a key of shape {(*batch, 1, heads, depth)}, got {key.shape}"
       )
     index = self.cache_index[...]
-    start = (0,) * len(batch) + (index, 0, 0)
+    # all start indices in the cache index's dtype: Python ints would be int64 under x64
+    zero = jnp.zeros((), index.dtype)
+    start = (zero,) * len(batch) + (index, zero, zero)
     key = jax.lax.dynamic_update_slice(self.cached_key[...], key, start)
     value = jax.lax.dynamic_update_slice(self.cached_value[...], value, start)
     self.cached_key[...] = key
@@ -147,6 +170,9 @@ class EntropyMultiHeadAttention(nnx.MultiHeadAttention):
     qkv_sharding=None,
   ) -> jax.Array:
     """Applies entropy-normalized multi-head attention.
+
+    The rows' target is ``target_entropy`` as a fraction of ``log(n_valid)`` (``relative=True``,
+    the default here) or in nats (``relative=False``, the core functions' default).
 
     Args:
       inputs_q: queries ``[batch..., q_length, in_features]``.

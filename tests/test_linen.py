@@ -6,6 +6,7 @@ tests share one jitted ``apply`` (same shapes) wherever they can.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import jax
@@ -223,6 +224,42 @@ def test_decode_cache_matches_the_causal_call(setup):
     cache, out = step(cache, x[:, t : t + 1])
     outs.append(out)
   np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, atol=1e-5)
+
+
+@pytest.mark.parametrize("x64", [False, True])
+def test_decode_cache_matches_flax_decode_with_and_without_x64(key, x64):
+  """Step-by-step decoding, at natural entropy, equals Flax's; under x64 the cache's start indices
+  must share one integer type (Python ints become int64 there, the cache index is int32)."""
+  with float64() if x64 else contextlib.nullcontext():
+    dtype = jnp.float64 if x64 else jnp.float32
+    x = jax.random.normal(key, (B, 4, F), dtype)
+    kwargs = dict(num_heads=H, qkv_features=F, decode=True)
+    flax_mha = nn.MultiHeadDotProductAttention(**kwargs)
+    ours = enn.EntropyMultiHeadAttention(**kwargs, attention_fn=natural_attention)
+    variables = flax_mha.init(key, x)  # Flax's init: no solver to compile
+    assert jax.eval_shape(ours.init, key, x) == jax.eval_shape(flax_mha.init, key, x)
+    assert variables["cache"]["cache_index"].dtype == jnp.int32
+
+    def decode(module):
+      step = jax.jit(
+        lambda cache, token: module.apply(
+          {"params": variables["params"], "cache": cache}, token, mutable=["cache"]
+        )
+      )
+      cache, outs = variables["cache"], []
+      for t in range(x.shape[1]):
+        out, state = step(cache, x[:, t : t + 1])
+        cache = state["cache"]
+        outs.append(out)
+      return jnp.concatenate(outs, axis=1), cache
+
+    (expected, flax_cache), (got, cache) = decode(flax_mha), decode(ours)
+    assert got.dtype == expected.dtype == dtype
+    assert cache["cache_index"].dtype == jnp.int32 and int(cache["cache_index"]) == x.shape[1]
+    atol = 1e-10 if x64 else 2e-5
+    np.testing.assert_allclose(got, expected, atol=atol, rtol=atol)
+    for name in ("cached_key", "cached_value"):
+      np.testing.assert_allclose(cache[name], flax_cache[name], atol=atol, rtol=atol)
 
 
 def test_dropout_follows_the_dropout_rng(setup):

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import tolerance
+from conftest import float64, tolerance
 from flax import nnx
 from flax.nnx.nn.attention import dot_product_attention_weights
 
@@ -30,6 +32,12 @@ def natural_attention(query, key, value, mask=None, is_causal=False, **kwargs):
   return ennx.entropy_dot_product_attention(
     query, key, value, mask=mask, is_causal=is_causal, **kwargs
   )
+
+
+def flax_attention(query, key, value, mask=None, is_causal=False, **kwargs):
+  """Flax's NNX attention on its explicit path (its default path does the softmax in float32)."""
+  weights = dot_product_attention_weights(query, key, mask=mask, is_causal=is_causal)
+  return jnp.einsum("...hqk,...khd->...qhd", weights, value)
 
 
 def padding_mask(lengths) -> jax.Array:
@@ -67,11 +75,11 @@ def test_grouped_query_heads_causal_padding_rows_hit_targets(x):
 
   @nnx.jit
   def call(layer, x, mask):
-    out = layer(x, mask=mask, is_causal=True, sow_weights=True)
-    return out, nnx.pop(layer, nnx.Intermediate)
+    sowing = lambda m: m(x, mask=mask, is_causal=True, sow_weights=True)
+    return nnx.capture(sowing, nnx.Intermediate)(layer)
 
   out, inter = call(layer, 3.0 * x, mask)
-  (weights,) = inter["attention_weights"].get_value()
+  (weights,) = inter["attention_weights"]
   assert weights.shape == (B, H, L, L) and np.all(np.isfinite(out))
   valid = np.broadcast_to(np.asarray(mask) & np.tri(L, dtype=bool), weights.shape)
   n_valid = valid.sum(-1)
@@ -88,6 +96,32 @@ def test_decode_cache_matches_the_causal_call(x):
   step = nnx.jit(lambda m, token: m(token, decode=True))
   outs = [step(layer, x[:, t : t + 1]) for t in range(L)]
   np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, atol=1e-5)
+
+
+@pytest.mark.parametrize("x64", [False, True])
+def test_decode_cache_matches_flax_decode_with_and_without_x64(key, x64):
+  """Step-by-step decoding, at natural entropy, equals Flax's; under x64 the cache's start indices
+  must share one integer type (Python ints become int64 there, the cache index is int32)."""
+  with float64() if x64 else contextlib.nullcontext():
+    dtype = jnp.float64 if x64 else jnp.float32
+    x = jax.random.normal(key, (B, 4, F), dtype)
+    flax_mha = nnx.MultiHeadAttention(
+      H, F, decode=True, attention_fn=flax_attention, rngs=nnx.Rngs(0)
+    )
+    ours = ennx.EntropyMultiHeadAttention(
+      H, F, decode=True, attention_fn=natural_attention, rngs=nnx.Rngs(1)
+    )
+    nnx.update(ours, nnx.state(flax_mha, nnx.Param))
+    step = nnx.jit(lambda m, token: m(token))
+    outs = {}
+    for name, module in (("flax", flax_mha), ("ours", ours)):
+      module.init_cache(x.shape, dtype=dtype)
+      outs[name] = jnp.concatenate([step(module, x[:, t : t + 1]) for t in range(4)], axis=1)
+    assert outs["ours"].dtype == outs["flax"].dtype == dtype
+    assert ours.cache_index.dtype == jnp.int32 and int(ours.cache_index[...]) == 4
+    atol = 1e-10 if x64 else 2e-5
+    np.testing.assert_allclose(outs["ours"], outs["flax"], atol=atol, rtol=atol)
+    np.testing.assert_allclose(ours.cached_key[...], flax_mha.cached_key[...], atol=atol, rtol=atol)
 
 
 def test_nnx_jit_adamw_step_with_learned_target_and_dropout(x):

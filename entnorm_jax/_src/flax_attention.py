@@ -1,5 +1,11 @@
 """Entropy-normalized dot-product attention shared by the Linen and NNX modules.
 
+Here ``relative=True`` is the default: ``target_entropy`` is a fraction of ``log(n_valid)``, the
+largest entropy a row over ``n_valid`` visible keys can have (``0.5`` gives every row
+``0.5 · log(n_valid)`` nats). The core functions (:func:`entnorm_jax.entropy_softmax` and friends)
+default to ``relative=False``, a target in nats; pass ``relative=False`` here for nats too, e.g.
+``entropy_dot_product_attention(q, k, v, target_entropy=1.2, relative=False)``.
+
 Each query row of the attention matrix gets a prescribed Shannon entropy: with logits
 ``s_k = q·k_k / sqrt(d) + b_k`` over the keys the query may see (``mask`` True, causal),
 
@@ -11,10 +17,13 @@ different sequence lengths all get a comparable target. γ* comes from the core 
 (:func:`entnorm_jax.entropy_softmax`) and is differentiated implicitly, so gradients reach the
 logits and the target (``∂γ*/∂H_t = -1 / (γ* Var_a[s])``) without going through the iterations.
 
-The functions accept exactly the keyword arguments Flax passes to an ``attention_fn`` (Linen filters
-them by signature, NNX passes ``mask, dropout_rng, dropout_rate, broadcast_dropout, deterministic,
-dtype, precision, module, is_causal``), so they are drop-in replacements for
-``flax.linen.dot_product_attention`` and ``flax.nnx.dot_product_attention``.
+The functions accept the keyword arguments Flax passes to an ``attention_fn`` (Linen filters them
+by signature, NNX passes ``mask, dropout_rng, dropout_rate, broadcast_dropout, deterministic, dtype,
+precision, module, is_causal``) and those Flax's functions accept (``force_fp32_for_softmax``,
+``einsum_dot_general``, the ``qk_attn_weights_einsum`` / ``attn_weights_value_einsum`` overrides
+with Flax's rules and errors, NNX's ``promote_dtype``), so they are drop-in replacements for
+``flax.linen.dot_product_attention`` and ``flax.nnx.dot_product_attention``. Scores must be real:
+complex inputs raise a ``TypeError``.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen, nnx
+from flax.nnx.nn import dtypes as nnx_dtypes
 from jax.typing import ArrayLike
 
 from entnorm_jax._src.functions import entropy_softmax
@@ -34,26 +44,65 @@ from entnorm_jax._src.functions import entropy_softmax
 IMPLEMENTATIONS = ("xla", "blockwise", "pallas")
 
 
-def _einsum(einsum: Callable[..., jax.Array] | None, precision):
-  return einsum if einsum is not None else functools.partial(jnp.einsum, precision=precision)
+def _einsum(einsum: Callable[..., jax.Array] | None, precision, einsum_dot_general=None):
+  """``einsum`` if given, else ``jnp.einsum`` with ``precision`` and ``einsum_dot_general``."""
+  if einsum is not None:
+    return einsum
+  dot_general = einsum_dot_general if einsum_dot_general else jax.lax.dot_general
+  return functools.partial(jnp.einsum, precision=precision, _dot_general=dot_general)
 
 
-def _promote(*arrays: jax.Array, dtype) -> tuple[jax.Array, ...]:
-  dtype = jnp.result_type(*arrays) if dtype is None else dtype
-  return tuple(jnp.asarray(a, dtype) for a in arrays)
+def _check_einsum_overrides(precision, einsum_dot_general, qk_einsum, av_einsum) -> None:
+  """Flax's rules for the einsum overrides of ``dot_product_attention``, with its messages."""
+  if bool(qk_einsum) != bool(av_einsum):
+    raise ValueError(
+      "qk_attn_weights_einsum and attn_weights_value_einsum must be specified together."
+    )
+  if (precision or einsum_dot_general) and (qk_einsum or av_einsum):
+    raise ValueError(
+      "precision/einsum_dot_general and qk_attn_weights_einsum/attn_weights_value_einsum are "
+      "mutually exclusive. Please specify only one of them."
+    )
+
+
+def _check_real(**arrays: jax.Array | None) -> None:
+  """Raises ``TypeError`` if any of the arrays that make the attention scores is complex."""
+  dtypes = {name: jnp.result_type(a) for name, a in arrays.items() if a is not None}
+  complex_ = {name: d for name, d in dtypes.items() if jnp.issubdtype(d, jnp.complexfloating)}
+  if complex_:
+    got = ", ".join(f"{name} of dtype {dtype}" for name, dtype in complex_.items())
+    raise TypeError(
+      "entropy normalization needs real attention scores (the entropy of softmax(γ·s) is "
+      f"defined for real s only), got {got}; use flax's dot_product_attention for complex inputs"
+    )
+
+
+def _promote(promote_dtype, arrays: tuple[ArrayLike, ...], dtype) -> tuple[jax.Array, ...]:
+  """Applies an NNX-style ``promote_dtype(arrays, dtype=dtype)`` and checks the result."""
+  promoted = tuple(promote_dtype(tuple(arrays), dtype=dtype))
+  if len(promoted) != len(arrays):
+    raise ValueError(
+      f"promote_dtype must return as many arrays as it is given ({len(arrays)}), got "
+      f"{len(promoted)}"
+    )
+  return tuple(jnp.asarray(a) for a in promoted)
 
 
 def _check_shapes(query: jax.Array, key: jax.Array, value: jax.Array | None = None) -> None:
+  """Flax's static shape checks (its message phrases), plus grouped-query head counts."""
   arrays = (query, key) if value is None else (query, key, value)
+  names = "query, key" if value is None else "query, key, value"
   shapes = ", ".join(str(a.shape) for a in arrays)
   if any(a.ndim != query.ndim for a in arrays) or query.ndim < 3:
-    raise ValueError(f"query, key(, value) must have the same rank >= 3, got shapes {shapes}")
+    raise ValueError(f"{names} must have the same rank >= 3, got shapes {shapes}")
   if any(a.shape[:-3] != query.shape[:-3] for a in arrays):
-    raise ValueError(f"query, key(, value) batch dimensions must match, got shapes {shapes}")
+    raise ValueError(f"{names} batch dims must match, got shapes {shapes}")
   if query.shape[-1] != key.shape[-1]:
     raise ValueError(f"query and key depths must match, got shapes {shapes}")
-  if value is not None and (key.shape[-3:-1] != value.shape[-3:-1]):
-    raise ValueError(f"key and value lengths and heads must match, got shapes {shapes}")
+  if value is not None and key.shape[-3] != value.shape[-3]:
+    raise ValueError(f"key and value lengths must match, got shapes {shapes}")
+  if value is not None and key.shape[-2] != value.shape[-2]:
+    raise ValueError(f"key and value heads must match, got shapes {shapes}")
   if query.shape[-2] % key.shape[-2]:
     raise ValueError(
       f"query heads ({query.shape[-2]}) must be a multiple of key/value heads "
@@ -141,9 +190,17 @@ def entropy_attention_weights(
   target_entropy: ArrayLike = 0.5,
   relative: bool = True,
   num_iters: int | None = None,
+  einsum_dot_general: Callable[..., jax.Array] | None = None,
   einsum: Callable[..., jax.Array] | None = None,
+  promote_dtype: Callable[..., tuple[jax.Array, ...]] = nnx_dtypes.promote_dtype,
 ) -> jax.Array:
   """Entropy-normalized attention weights: every query row has entropy ``target_entropy``.
+
+  ``relative=True`` is the default here: ``target_entropy`` is a fraction of ``log(n_valid)``
+  (``n_valid``: the keys the query may see), unlike the core functions
+  (:func:`entnorm_jax.entropy_softmax`) whose default ``relative=False`` reads it in nats. So
+  ``target_entropy=0.5`` gives each row ``0.5 · log(n_valid)`` nats; for nats here, pass
+  ``relative=False``.
 
   Like ``flax.linen.dot_product_attention_weights`` with the softmax replaced by
   ``softmax(γ*·s)`` (γ* per row, solved in float32 or float64) so that each row has the target
@@ -153,7 +210,8 @@ def entropy_attention_weights(
   attention (fewer key heads than query heads) is supported.
 
   Args:
-    query: ``[batch..., q_length, num_heads, depth]``.
+    query: ``[batch..., q_length, num_heads, depth]``; real (complex scores have no entropy
+      normalization).
     key: ``[batch..., kv_length, num_kv_heads, depth]``; ``num_heads % num_kv_heads == 0``.
     bias: optional additive bias broadcastable to ``[batch..., num_heads, q_length, kv_length]``.
     mask: optional boolean mask broadcastable to ``[batch..., num_heads, q_length, kv_length]``.
@@ -168,31 +226,56 @@ def entropy_attention_weights(
       ``nnx.Intermediate``, name ``'attention_weights'``), or ``None``.
     force_fp32_for_softmax: return the weights in float32 instead of ``dtype``.
     is_causal: also mask keys after the query position (``tril``).
-    target_entropy: target in nats, or a fraction of ``log(n_valid)`` with ``relative=True``: a
+    target_entropy: a fraction of ``log(n_valid)`` (default, ``relative=True``) or nats: a
       scalar, one value per head (``[num_heads]``) or an array broadcastable to
       ``[batch..., num_heads, q_length]``.
-    relative: read ``target_entropy`` as a fraction of each row's largest entropy.
+    relative: read ``target_entropy`` as a fraction of each row's largest entropy (default True).
     num_iters: solver iterations (static); ``None`` for the core's default.
-    einsum: replacement for ``jnp.einsum`` in the query-key product (AQT hook).
+    einsum_dot_general: the ``dot_general`` of the default einsum (as in Flax).
+    einsum: replacement for ``jnp.einsum`` in the query-key product (AQT hook); as in Flax,
+      exclusive with ``precision`` and ``einsum_dot_general``.
+    promote_dtype: as in ``flax.nnx.dot_product_attention_weights``: called as
+      ``promote_dtype((query, key), dtype=dtype)``, returns the arrays to compute with.
 
   Returns:
     Weights ``[batch..., num_heads, q_length, kv_length]``.
 
   Raises:
-    ValueError: for inconsistent shapes or a per-head target of the wrong length.
+    ValueError: for inconsistent shapes, a per-head target of the wrong length, or ``einsum``
+      together with ``precision``/``einsum_dot_general``.
+    TypeError: for complex query, key or bias.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from entnorm_jax.linen import entropy_attention_weights
+    >>> q, k = jax.random.normal(jax.random.key(0), (2, 1, 5, 2, 8))
+    >>> w = entropy_attention_weights(q, k, target_entropy=0.5)  # relative: 0.5 · log(5) nats
+    >>> h = -jnp.sum(w * jnp.log(w), axis=-1)
+    >>> bool(jnp.allclose(h, 0.5 * jnp.log(5.0), atol=1e-4))
+    True
+    >>> w = entropy_attention_weights(q, k, target_entropy=1.2, relative=False)  # nats
+    >>> bool(jnp.allclose(-jnp.sum(w * jnp.log(w), axis=-1), 1.2, atol=1e-4))
+    True
   """
-  query, key = _promote(query, key, dtype=dtype)
+  if (precision or einsum_dot_general) and einsum:
+    raise ValueError(
+      "precision/einsum_dot_general and einsum are mutually exclusive. Please specify only one "
+      "of them."
+    )
+  query, key = _promote(promote_dtype, (query, key), dtype)
+  _check_real(query=query, key=key, bias=bias)
   _check_shapes(query, key)
   dtype = query.dtype
   *batch, q_len, heads, depth = query.shape
   kv_heads = key.shape[-2]
   group = heads // kv_heads
+  einsum = _einsum(einsum, precision, einsum_dot_general)
   query = query / jnp.sqrt(depth).astype(dtype)
   if group == 1:  # the grouped contraction below lays the logits out slower for the solve on CPU
-    logits = _einsum(einsum, precision)("...qhd,...khd->...hqk", query, key)
+    logits = einsum("...qhd,...khd->...hqk", query, key)
   else:
     grouped = query.reshape(*batch, q_len, kv_heads, group, depth)
-    logits = _einsum(einsum, precision)("...qhgd,...khd->...hgqk", grouped, key)
+    logits = einsum("...qhgd,...khd->...hgqk", grouped, key)
     logits = logits.reshape(*batch, heads, q_len, key.shape[-3])
   if bias is not None:
     logits = logits + bias
@@ -251,8 +334,10 @@ def entropy_dot_product_attention(
   *,
   force_fp32_for_softmax: bool = False,
   is_causal: bool = False,
+  einsum_dot_general: Callable[..., jax.Array] | None = None,
   qk_attn_weights_einsum: Callable[..., jax.Array] | None = None,
   attn_weights_value_einsum: Callable[..., jax.Array] | None = None,
+  promote_dtype: Callable[..., tuple[jax.Array, ...]] = nnx_dtypes.promote_dtype,
   target_entropy: ArrayLike = 0.5,
   relative: bool = True,
   num_iters: int | None = None,
@@ -260,23 +345,35 @@ def entropy_dot_product_attention(
 ) -> jax.Array:
   """Dot-product attention whose rows have a prescribed entropy; a drop-in ``attention_fn``.
 
+  ``relative=True`` is the default here: ``target_entropy`` is a fraction of ``log(n_valid)``
+  (``n_valid``: the keys the query may see), unlike the core functions
+  (:func:`entnorm_jax.entropy_softmax`) whose default ``relative=False`` reads it in nats. So
+  ``target_entropy=0.5`` gives each row ``0.5 · log(n_valid)`` nats, and
+  ``target_entropy=1.2, relative=False`` gives each row 1.2 nats.
+
   ``out[q] = Σ_k a_qk v_k`` with ``a_q = softmax(γ*_q · s_q)``, ``s_qk = q·k / sqrt(depth) + b_qk``
   and γ*_q >= 0 chosen so that ``H(a_q) = H_target`` (``relative=True``: ``r · log(n_valid)``).
   See :func:`entropy_attention_weights` for masks, dropout, ``sow`` and grouped-query heads. Works
   as ``attention_fn`` of ``flax.linen.MultiHeadDotProductAttention`` (which filters keywords by
-  signature) and of ``flax.nnx.MultiHeadAttention`` (which passes ``is_causal`` unfiltered).
+  signature) and of ``flax.nnx.MultiHeadAttention`` (which passes ``is_causal`` unfiltered), and
+  takes every keyword of ``flax.linen.dot_product_attention`` and ``flax.nnx.dot_product_attention``
+  with their meaning (keyword-only here after ``module``, where the two differ in position).
 
   Args:
-    query: ``[batch..., q_length, num_heads, depth]``.
+    query: ``[batch..., q_length, num_heads, depth]``; real (see Raises).
     key: ``[batch..., kv_length, num_kv_heads, depth]``.
     value: ``[batch..., kv_length, num_kv_heads, v_depth]``.
     bias, mask, broadcast_dropout, dropout_rng, dropout_rate, deterministic, dtype, precision,
     module, force_fp32_for_softmax, is_causal: as in Flax's ``dot_product_attention``.
+    einsum_dot_general: the ``dot_general`` of the default einsums (as in Flax).
     qk_attn_weights_einsum: replacement for ``jnp.einsum`` in the query-key product.
-    attn_weights_value_einsum: replacement for ``jnp.einsum`` in the weights-value product.
-    target_entropy: target in nats (``relative=False``) or as a fraction of ``log(n_valid)``: a
-      scalar, ``[num_heads]``, or broadcastable to ``[batch..., num_heads, q_length]``.
-    relative: read ``target_entropy`` as a fraction of each row's largest entropy.
+    attn_weights_value_einsum: replacement for ``jnp.einsum`` in the weights-value product. As in
+      Flax, the two overrides come together and exclude ``precision`` and ``einsum_dot_general``.
+    promote_dtype: as in ``flax.nnx.dot_product_attention``: called as
+      ``promote_dtype((query, key, value), dtype=dtype)``, returns the arrays to compute with.
+    target_entropy: a fraction of ``log(n_valid)`` (default, ``relative=True``) or nats: a scalar,
+      ``[num_heads]``, or broadcastable to ``[batch..., num_heads, q_length]``.
+    relative: read ``target_entropy`` as a fraction of each row's largest entropy (default True).
     num_iters: solver iterations (static); ``None`` for the core's default.
     implementation: ``"xla"`` materializes the weights (all options supported); ``"blockwise"`` and
       ``"pallas"`` call :func:`entnorm_jax.attention.entropy_attention`, which never forms the
@@ -286,26 +383,36 @@ def entropy_dot_product_attention(
     ``[batch..., q_length, num_heads, v_depth]``.
 
   Raises:
-    ValueError: for inconsistent shapes, an unknown ``implementation``, or an option the chosen
-      implementation does not support.
+    ValueError: for inconsistent shapes, an unknown ``implementation``, an option the chosen
+      implementation does not support, only one of the two einsum overrides, or the overrides
+      together with ``precision``/``einsum_dot_general`` (Flax's messages).
+    TypeError: for complex inputs or bias: entropy normalization needs real scores.
 
   Examples:
     >>> import jax, jax.numpy as jnp
     >>> from entnorm_jax.linen import entropy_dot_product_attention
     >>> q, k, v = jax.random.normal(jax.random.key(0), (3, 2, 5, 4, 8))
-    >>> entropy_dot_product_attention(q, k, v, target_entropy=0.5).shape
+    >>> entropy_dot_product_attention(q, k, v, target_entropy=0.5).shape  # 0.5 · log(5) nats
+    (2, 5, 4, 8)
+    >>> entropy_dot_product_attention(q, k, v, target_entropy=1.2, relative=False).shape  # nats
     (2, 5, 4, 8)
   """
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
-  query, key, value = _promote(query, key, value, dtype=dtype)
+  _check_einsum_overrides(
+    precision, einsum_dot_general, qk_attn_weights_einsum, attn_weights_value_einsum
+  )
+  query, key, value = _promote(promote_dtype, (query, key, value), dtype)
+  _check_real(query=query, key=key, value=value, bias=bias)
   _check_shapes(query, key, value)
   if implementation != "xla":
     unsupported = {
       "bias": bias is not None,
       "dropout": not deterministic and dropout_rate > 0.0,
       "module (sow)": module is not None,
-      "einsum overrides": qk_attn_weights_einsum or attn_weights_value_einsum,
+      "einsum overrides": bool(
+        qk_attn_weights_einsum or attn_weights_value_einsum or einsum_dot_general
+      ),
     }
     used = [name for name, on in unsupported.items() if on]
     if used:
@@ -331,11 +438,13 @@ def entropy_dot_product_attention(
     target_entropy=target_entropy,
     relative=relative,
     num_iters=num_iters,
+    einsum_dot_general=einsum_dot_general,
     einsum=qk_attn_weights_einsum,
+    promote_dtype=promote_dtype,
   )
   *batch, heads, q_len, kv_len = weights.shape
   kv_heads = value.shape[-2]
-  einsum = _einsum(attn_weights_value_einsum, precision)
+  einsum = _einsum(attn_weights_value_einsum, precision, einsum_dot_general)
   if kv_heads == heads:
     return einsum("...hqk,...khd->...qhd", weights, value)
   grouped = weights.reshape(*batch, kv_heads, heads // kv_heads, q_len, kv_len)
