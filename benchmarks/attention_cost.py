@@ -166,26 +166,22 @@ def plot(result: dict, path: pathlib.Path) -> None:
 
   lengths = [r["length"] for r in result["modules"]]
   fig, (ax, ax_ratio) = plt.subplots(1, 2, figsize=(10, 3.8))
-  for kind, style in (("fwd", "--"), ("fwd_bwd", "-")):
+  # Line style and marker say forward vs forward+backward; colour says which module.
+  kinds = (("fwd", "forward", ":", "s"), ("fwd_bwd", "forward+backward", "-", "o"))
+  for kind, label, style, marker in kinds:
     for name, color in (("flax", "tab:red"), ("entropy", "tab:blue")):
       t = [r[f"{name}/{kind}"]["median_s"] for r in result["modules"]]
-      ax.loglog(lengths, t, style, marker="o", color=color, label=f"{name} {kind}")
-    ax_ratio.semilogx(
-      lengths,
-      [r[f"ratio/{kind}"] for r in result["modules"]],
-      style,
-      marker="o",
-      color="black",
-      label=kind,
-    )
-  ax_ratio.axhline(BAR["fwd_bwd_ratio"], color="gray", lw=0.8)
-  ax.set(xlabel="sequence length", ylabel="seconds per call", title="module time (CPU)")
-  ax_ratio.set(xlabel="sequence length", ylabel="entropy / Flax", title="ratio")
+      ax.loglog(lengths, t, linestyle=style, marker=marker, color=color, label=f"{name}, {label}")
+    ratio = [r[f"ratio/{kind}"] for r in result["modules"]]
+    ax_ratio.semilogx(lengths, ratio, linestyle=style, marker=marker, color="black", label=label)
+  ax_ratio.axhline(BAR["fwd_bwd_ratio"], color="gray", lw=0.8, label="target (forward+backward)")
+  ax.set(xlabel="sequence length (tokens)", ylabel="seconds per call", title="module time")
+  ax_ratio.set(xlabel="sequence length (tokens)", ylabel="entropy / Flax (time)", title="ratio")
   for a in (ax, ax_ratio):
     a.set_xticks(lengths, [str(n) for n in lengths], minor=False)
     a.xaxis.set_minor_locator(plt.NullLocator())
-  ax.legend(fontsize=7)
-  ax_ratio.legend(fontsize=7)
+    a.legend(fontsize=8, handlelength=3)
+  fig.tight_layout()
   common.write_figure(fig, path)
 
 

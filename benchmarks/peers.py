@@ -171,11 +171,12 @@ def plot(result: dict, out_dir) -> list[pathlib.Path]:
   import matplotlib.pyplot as plt
 
   names = list(result["times"])
-  fig, ax = plt.subplots(figsize=(6, 3))
+  fig, ax = plt.subplots(figsize=(7, 0.45 * len(names) + 1.0))
   ax.barh(names, [result["times"][n]["median_s"] * 1e3 for n in names], color="tab:blue")
   ax.set_xscale("log")
-  ax.set_xlabel("median time per call (ms)", fontsize=8)
-  ax.tick_params(labelsize=7)
+  ax.set_xlabel("median time per call (ms)", fontsize=9)
+  ax.tick_params(labelsize=8)
+  fig.tight_layout()
   ax.set_title(
     f"peers on {'×'.join(map(str, result['shape']))}, {jax.default_backend()}", fontsize=9
   )
