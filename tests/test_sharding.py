@@ -1,0 +1,112 @@
+"""The Flax modules on a mesh of 8 host devices: sharded runs equal the single-device run.
+
+Each check runs in a subprocess with ``--xla_force_host_platform_device_count=8`` (the device
+count is fixed when JAX starts). Inputs are sharded over the batch, the attention heads are
+sharded through Flax's partitioning metadata on the kernels, and the outputs, gradients and a
+jitted optax step are compared with the same computation on one device.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+_PRELUDE = """
+import jax, jax.numpy as jnp, numpy as np, optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+assert jax.device_count() == 8, jax.devices()
+mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("batch", "model"))
+x = jax.random.normal(jax.random.key(0), (4, 12, 32))
+cot = jax.random.normal(jax.random.key(1), x.shape)
+x_sharded = jax.device_put(x, NamedSharding(mesh, P("batch", None, None)))
+
+def close(a, b, what, tol=2e-5):
+  # Relative to the largest entry of the whole tree: some gradients are zero up to rounding
+  # (the key bias shifts every score of a query row alike, which changes nothing).
+  a, b = jax.tree.leaves(a), jax.tree.leaves(b)
+  scale = max(float(np.max(np.abs(np.asarray(v)))) for v in b)
+  for u, v in zip(a, b, strict=True):
+    err = float(np.max(np.abs(np.asarray(u) - np.asarray(v)))) / scale
+    assert err < tol, (what, err)
+"""
+
+_LINEN = """
+from flax import linen as nn
+from entnorm_jax import linen as enn
+# Query/key/value kernels are [features, heads, head_dim]: their heads go to the "model" axis.
+heads = nn.with_partitioning(nn.initializers.lecun_normal(), (None, "model", None))
+# No biases: the key bias's gradient is zero up to rounding, which adam's first step (about
+# lr · sign(g)) would turn into differences of 2·lr between any two runs.
+module = enn.EntropyMultiHeadAttention(
+  num_heads=4, qkv_features=32, target_entropy=0.5, kernel_init=heads, learn_target=True,
+  use_bias=False,
+)
+mask = nn.make_causal_mask(jnp.ones(x.shape[:2]))
+boxed = jax.jit(module.init)(jax.random.key(2), x, mask=mask)
+params = nn.unbox(boxed)
+specs = nn.get_partition_spec(boxed)
+sharded = jax.device_put(params, jax.tree.map(lambda s: NamedSharding(mesh, s), specs))
+assert any(s != P() for s in jax.tree.leaves(specs, is_leaf=lambda s: isinstance(s, P)))
+
+apply = jax.jit(lambda p, x: module.apply(p, x, mask=mask))
+loss = lambda p, x: jnp.sum(module.apply(p, x, mask=mask) * cot)
+grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+close(apply(sharded, x_sharded), apply(params, x), "output")
+close(grad(sharded, x_sharded), grad(params, x), "gradients")
+
+opt = optax.adamw(1e-2)
+@jax.jit
+def step(p, state, x):
+  g = jax.grad(loss)(p, x)
+  updates, state = opt.update(g, state, p)
+  return optax.apply_updates(p, updates), state
+one, _ = step(params, opt.init(params), x)
+many, _ = step(sharded, opt.init(sharded), x_sharded)
+close(many, one, "adamw step")
+assert many["params"]["query"]["kernel"].sharding.spec == P(None, "model", None)
+print("linen ok")
+"""
+
+_NNX = """
+from flax import nnx
+from entnorm_jax import nnx as ennx
+heads = nnx.with_partitioning(nnx.initializers.lecun_normal(), (None, "model", None))
+with jax.set_mesh(mesh):  # NNX creates the annotated variables sharded
+  module = ennx.EntropyMultiHeadAttention(
+    num_heads=4, in_features=32, target_entropy=0.5, kernel_init=heads, use_bias=False,
+    rngs=nnx.Rngs(2), decode=False,
+  )
+mask = nnx.make_causal_mask(jnp.ones(x.shape[:2]))
+graph, sharded = nnx.split(module)
+assert sharded["query"]["kernel"].value.sharding.spec == P(None, "model", None)
+single = jax.device_put(sharded, jax.devices()[0])
+
+def run(state, x):
+  return nnx.merge(graph, state)(x, mask=mask)
+
+loss = lambda state, x: jnp.sum(run(state, x) * cot)
+close(jax.jit(run)(sharded, x_sharded), jax.jit(run)(single, x), "output")
+grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+close(grad(sharded, x_sharded), grad(single, x), "gradients")
+print("nnx ok")
+"""
+
+
+def _run(script: str, expect: str) -> None:
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  code = textwrap.dedent(_PRELUDE) + textwrap.dedent(script)
+  out = subprocess.run(
+    [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600
+  )
+  assert out.returncode == 0, out.stderr[-4000:]
+  assert expect in out.stdout
+
+
+def test_linen_module_sharded_over_batch_and_heads():
+  _run(_LINEN, "linen ok")
+
+
+def test_nnx_module_sharded_over_batch_and_heads():
+  _run(_NNX, "nnx ok")
