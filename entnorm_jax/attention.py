@@ -25,13 +25,22 @@ import operator
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
 
-from entnorm_jax._src.blockwise_attention import BLOCKWISE, Config, attention_vjp, compute_dtype
+from entnorm_jax._src.blockwise_attention import (
+  BLOCKWISE,
+  Config,
+  Engine,
+  Rows,
+  attention_vjp,
+  compute_dtype,
+)
 from entnorm_jax._src.dense_attention import dense_attention
 from entnorm_jax._src.pallas_attention import PALLAS, pallas_block_size
 
-__all__ = ["entropy_attention"]
+__all__ = ["context_parallel_attention", "entropy_attention"]
 
 _IMPLEMENTATIONS = ("xla", "blockwise", "pallas")
 _DEFAULT_BLOCKS = {"blockwise": (256, 256), "pallas": (64, 64)}
@@ -86,6 +95,24 @@ def _valid_positions(lengths, batch: int, size: int, name: str):
       f"{name} must be integers of shape ({batch},), got {lengths.dtype}{lengths.shape}"
     )
   return jnp.arange(size)[None, :] < lengths[:, None]
+
+
+def _prepare(q, k, v, target_entropy, mask, scale, num_iters, q_lengths, kv_lengths):
+  """Checked inputs: ``(q, k, v, target [B, H, Q], q_ok [B, Q], k_ok [B, K], mask, scale)``."""
+  q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
+  _check_qkv(q, k, v)
+  batch, q_len, heads, dim = q.shape
+  kv_len = k.shape[1]
+  dtype = compute_dtype(q.dtype)
+  scale = 1.0 / math.sqrt(dim) if scale is None else float(scale)
+  if num_iters is not None and operator.index(num_iters) < 0:
+    raise ValueError(f"num_iters must be >= 0 or None, got {num_iters}")
+  target = _targets(target_entropy, batch, heads, q_len, dtype)
+  if mask is not None:
+    mask = _mask4(mask, (batch, heads, q_len, kv_len))
+  q_ok = _valid_positions(q_lengths, batch, q_len, "query_seq_lengths")
+  k_ok = _valid_positions(kv_lengths, batch, kv_len, "key_value_seq_lengths")
+  return q, k, v, target, q_ok, k_ok, mask, scale
 
 
 def _block_size(value, default: int, length: int, implementation: str, name: str) -> int:
@@ -180,21 +207,12 @@ def entropy_attention(
     >>> o.shape
     (1, 40, 2, 8)
   """
-  q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
-  _check_qkv(q, k, v)
   if implementation not in _IMPLEMENTATIONS:
     raise ValueError(f"implementation must be one of {_IMPLEMENTATIONS}, got {implementation!r}")
-  batch, q_len, heads, dim = q.shape
-  kv_len = k.shape[1]
-  dtype = compute_dtype(q.dtype)
-  scale = 1.0 / math.sqrt(dim) if scale is None else float(scale)
-  if num_iters is not None and operator.index(num_iters) < 0:
-    raise ValueError(f"num_iters must be >= 0 or None, got {num_iters}")
-  target = _targets(target_entropy, batch, heads, q_len, dtype)
-  if mask is not None:
-    mask = _mask4(mask, (batch, heads, q_len, kv_len))
-  q_ok = _valid_positions(query_seq_lengths, batch, q_len, "query_seq_lengths")
-  k_ok = _valid_positions(key_value_seq_lengths, batch, kv_len, "key_value_seq_lengths")
+  q, k, v, target, q_ok, k_ok, mask, scale = _prepare(
+    q, k, v, target_entropy, mask, scale, num_iters, query_seq_lengths, key_value_seq_lengths
+  )
+  q_len, kv_len = q.shape[1], k.shape[1]
   if implementation == "xla":
     return dense_attention(
         q, k, v, target, q_ok, k_ok, mask,
@@ -213,4 +231,131 @@ def entropy_attention(
     interpret=bool(interpret),
   )
   engine = BLOCKWISE if implementation == "blockwise" else PALLAS
+  return attention_vjp(engine, cfg, q, k, v, target, q_ok, k_ok, mask)
+
+
+def _sharded_engine(mesh: Mesh, axis_name: str, mask_sharded: bool | None) -> Engine:
+  """The blockwise engine with keys and values sharded along the sequence over ``axis_name``.
+
+  Both passes run under ``shard_map``: queries, targets and per-row results are replicated, keys
+  and values (and their validity and mask columns) are split along the sequence; inside, every
+  per-row sum of the solver and of the output is combined with one ``psum`` (see
+  :func:`entnorm_jax._src.blockwise_attention.combine`). The custom VJP sits outside the
+  ``shard_map``, so nothing is differentiated through the collectives.
+  """
+  rep, seq = P(), P(None, axis_name)
+  mask_spec = (
+    () if mask_sharded is None else (P(None, None, None, axis_name) if mask_sharded else rep,)
+  )
+
+  def forward(cfg, q, k, v, target, q_ok, k_ok, mask):
+    masks = () if mask is None else (mask,)
+    body = lambda q, k, v, t, qo, ko, *m: BLOCKWISE.forward(
+      cfg, q, k, v, t, qo, ko, *(m or (None,))
+    )
+    out_specs = (rep, rep, Rows(*(rep for _ in Rows._fields)))
+    in_specs = (rep, seq, seq, rep, rep, seq, *mask_spec)
+    run = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+    return run(q, k, v, target, q_ok, k_ok, *masks)
+
+  def backward(cfg, q, k, v, q_ok, k_ok, mask, rows, coef, delta, d_out):
+    masks = () if mask is None else (mask,)
+
+    def body(q, k, v, qo, ko, rows, coef, delta, d_out, *m):
+      return BLOCKWISE.backward(cfg, q, k, v, qo, ko, *(m or (None,)), rows, coef, delta, d_out)
+
+    rows_spec = Rows(*(rep for _ in Rows._fields))
+    in_specs = (rep, seq, seq, rep, seq, rows_spec, rep, rep, rep, *mask_spec)
+    run = jax.shard_map(
+      body, mesh=mesh, in_specs=in_specs, out_specs=(rep, seq, seq), check_vma=False
+    )
+    return run(q, k, v, q_ok, k_ok, rows, coef, delta, d_out, *masks)
+
+  return Engine(forward, backward)
+
+
+@functools.partial(
+  jax.jit,
+  static_argnames=(
+    "mesh",
+    "axis_name",
+    "relative",
+    "is_causal",
+    "scale",
+    "block_q",
+    "block_k",
+    "num_iters",
+  ),
+)
+def context_parallel_attention(
+  q: ArrayLike,
+  k: ArrayLike,
+  v: ArrayLike,
+  *,
+  mesh: Mesh,
+  axis_name: str,
+  target_entropy: ArrayLike,
+  relative: bool = True,
+  mask: ArrayLike | None = None,
+  is_causal: bool = False,
+  scale: float | None = None,
+  block_q: int | None = None,
+  block_k: int | None = None,
+  num_iters: int | None = None,
+  query_seq_lengths: ArrayLike | None = None,
+  key_value_seq_lengths: ArrayLike | None = None,
+) -> jax.Array:
+  """:func:`entropy_attention` (blockwise) with the keys and values split along the sequence.
+
+  Context parallelism for long sequences: the keys and values are sharded along their sequence
+  axis over the mesh axis ``axis_name`` (with ``shard_map``), the queries are replicated. Each
+  device accumulates the per-row sums of every solver pass over its share of the keys, and one
+  ``psum`` per pass adds them up, so every query row gets the exact γ* of the whole sequence, and
+  the output equals the one-device result. The backward pass is the blockwise one, sharded the
+  same way (dq is summed over the devices; dk and dv stay on theirs).
+
+  ``relative=True`` by default, as in :func:`entropy_attention`: ``target_entropy=0.5`` asks for
+  ``H = 0.5 · log(n_valid)`` in every row.
+
+  Example (8 host devices: ``XLA_FLAGS=--xla_force_host_platform_device_count=8``)::
+
+    mesh = jax.make_mesh((8,), ("seq",))
+    out = context_parallel_attention(q, k, v, mesh=mesh, axis_name="seq", target_entropy=0.5)
+
+  Args:
+    q, k, v, target_entropy, relative, mask, is_causal, scale, block_q, block_k, num_iters,
+      query_seq_lengths, key_value_seq_lengths: as in :func:`entropy_attention` (``block_k``
+      applies to each device's share of the keys).
+    mesh: a ``jax.sharding.Mesh`` holding ``axis_name``.
+    axis_name: the mesh axis to split the sequence of keys and values over; ``kv_len`` must be a
+      multiple of its size.
+
+  Returns:
+    ``[batch, q_len, heads, dim]`` in the dtype of ``q`` (replicated over ``axis_name``).
+
+  Raises:
+    ValueError: as :func:`entropy_attention`, and for an axis the mesh lacks or a sequence that
+      the axis does not divide.
+  """
+  if axis_name not in mesh.shape:
+    raise ValueError(f"axis_name {axis_name!r} is not an axis of the mesh {dict(mesh.shape)}")
+  q, k, v, target, q_ok, k_ok, mask, scale = _prepare(
+    q, k, v, target_entropy, mask, scale, num_iters, query_seq_lengths, key_value_seq_lengths
+  )
+  q_len, kv_len = q.shape[1], k.shape[1]
+  shards = mesh.shape[axis_name]
+  if kv_len % shards:
+    raise ValueError(f"kv_len {kv_len} is not a multiple of the {shards} devices of {axis_name!r}")
+  default_q, default_k = _DEFAULT_BLOCKS["blockwise"]
+  cfg = Config(
+    is_causal=is_causal,
+    scale=scale,
+    relative=relative,
+    num_iters=num_iters,
+    block_q=_block_size(block_q, default_q, q_len, "blockwise", "block_q"),
+    block_k=_block_size(block_k, default_k, kv_len // shards, "blockwise", "block_k"),
+    axis_name=axis_name,
+  )
+  mask_sharded = None if mask is None else mask.shape[3] > 1
+  engine = _sharded_engine(mesh, axis_name, mask_sharded)
   return attention_vjp(engine, cfg, q, k, v, target, q_ok, k_ok, mask)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -45,3 +46,13 @@ def tolerance(dtype) -> float:
     jnp.dtype(jnp.float32): 2e-4,
     jnp.dtype(jnp.float64): 1e-10,
   }[jnp.dtype(dtype)]
+
+
+def float64_arrays(fn, *args) -> list[str]:
+  """Equations of ``fn``'s jaxpr that make float64 arrays (run it with x64 on, float32 inputs).
+
+  A float64 constant (a NumPy scalar, say) silently promotes float32 work to float64 under
+  ``jax_enable_x64``: twice the memory traffic and a different result than without x64.
+  """
+  text = str(jax.make_jaxpr(fn)(*args))
+  return [line.strip() for line in text.splitlines() if re.search(r"f64\[\d", line)]

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import float64, tolerance
+from conftest import float64, float64_arrays, tolerance
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -338,3 +338,19 @@ def test_fixed_iteration_count_converges_to_the_adaptive_answer(rng):
   errors = [np.abs(np_entropy(f(x, t, num_iters=k)) - t).max() for k in (0, 1, 2, 12)]
   assert errors[0] > errors[2] and errors[-1] <= 2e-5
   np.testing.assert_allclose(f(x, t, num_iters=12), f(x, t), atol=1e-5)
+
+
+def test_float32_stays_float32_under_x64():
+  x = jnp.ones((4, 32), jnp.float32)
+  labels = jnp.zeros(4, jnp.int32)
+  with float64():
+    for name, fn in {
+      "entropy_softmax": lambda x: en.entropy_softmax(x, 0.5),
+      "its gradient": jax.grad(lambda x: jnp.sum(en.entropy_softmax(x, 0.5)[:, 0])),
+      "solve_gamma": lambda x: en.solve_gamma(x, 1.0, relative=False),
+      "cross entropy": lambda x: en.entropy_softmax_cross_entropy_with_integer_labels(
+        x, labels, 0.5
+      ),
+      "perplexity_affinities": lambda x: en.perplexity_affinities(x, 5.0),
+    }.items():
+      assert float64_arrays(fn, x) == [], name

@@ -11,7 +11,7 @@ import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import float64, tolerance
+from conftest import float64, float64_arrays, tolerance
 
 import entnorm_jax as en
 from entnorm_jax import attention as ena
@@ -268,3 +268,14 @@ def test_benchmark_runs_tiny():
     "notes": "tiny",
   }  # fmt: skip
   assert "| blockwise | 64 |" in bench.markdown(result)
+
+
+@pytest.mark.parametrize("implementation", ["xla", "blockwise", "pallas"])
+def test_float32_stays_float32_under_x64(implementation):
+  q = jnp.ones((1, 16, 2, 8), jnp.float32)
+  attend = lambda q: ena.entropy_attention(
+    q, q, q, target_entropy=0.5, implementation=implementation, is_causal=True
+  )
+  with float64():
+    assert float64_arrays(attend, q) == []
+    assert float64_arrays(jax.grad(lambda q: jnp.sum(attend(q))), q) == []

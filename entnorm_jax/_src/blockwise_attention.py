@@ -50,6 +50,9 @@ class Config(NamedTuple):
   block_q: int
   block_k: int
   interpret: bool = False
+  # Context parallelism: the name of the mesh axis the keys and values are sharded over (along the
+  # sequence), inside ``shard_map``; per-row sums are combined over it. None: one device.
+  axis_name: str | None = None
 
 
 class Rows(NamedTuple):
@@ -127,12 +130,12 @@ def stats_update(acc: StatsAcc, s: jax.Array, valid: jax.Array) -> StatsAcc:
   masked = jnp.where(valid, s, -jnp.inf)
   top = jnp.maximum(acc.top, jnp.max(masked, axis=-1))
   at_top = valid & (s == top[..., None])
-  ties = jnp.where(acc.top == top, acc.ties, 0.0) + jnp.sum(jnp.where(at_top, 1.0, 0.0), axis=-1)
+  ties = jnp.where(acc.top == top, acc.ties, 0.0) + jnp.sum(at_top.astype(s.dtype), axis=-1)
   block_below = jnp.max(jnp.where(valid & ~at_top, s, -jnp.inf), axis=-1)
   below = jnp.maximum(
     jnp.maximum(acc.below, block_below), jnp.where(acc.top < top, acc.top, -jnp.inf)
   )
-  n_b = jnp.sum(jnp.where(valid, 1.0, 0.0), axis=-1)
+  n_b = jnp.sum(valid.astype(s.dtype), axis=-1)
   mean_b = jnp.sum(jnp.where(valid, s, 0.0), axis=-1) / jnp.maximum(n_b, 1.0)
   m2_b = jnp.sum(jnp.where(valid, jnp.square(s - mean_b[..., None]), 0.0), axis=-1)
   count = acc.count + n_b
@@ -348,12 +351,45 @@ def pad_axis(x, axis: int, size: int, value=0):
   return jnp.pad(x, widths, constant_values=value)
 
 
-def num_key_blocks(cfg: Config, q_start, n_k: int):
-  """Key blocks a query block starting at ``q_start`` sees (a traced count when causal)."""
+def int_div(a, b):
+  """``a // b`` for non-negative integers in ``a``'s dtype (``b`` cast to it: under x64 a Python
+  int would be int64). ``lax.div``, not ``//``: the Triton lowering has no floor division on
+  program ids."""
+  a = jnp.asarray(a)
+  return jax.lax.div(a, jnp.asarray(b, a.dtype))
+
+
+def num_key_blocks(cfg: Config, q_start, n_k: int, k_offset=0):
+  """Key blocks a query block starting at ``q_start`` sees (a traced count when causal), for keys
+  whose positions start at ``k_offset`` (their shard's place in the sequence)."""
   if not cfg.is_causal:
     return n_k
-  # lax.div, not //: the Triton lowering has no floor division on program ids.
-  return jnp.minimum(n_k, jax.lax.div(q_start + cfg.block_q + cfg.block_k - 1, cfg.block_k))
+  seen = int_div(q_start + cfg.block_q + cfg.block_k - 1 - k_offset, cfg.block_k)
+  return jnp.clip(seen, 0, n_k)
+
+
+def key_offset(cfg: Config, kv_len: int):
+  """Position of this device's first key in the sequence (0 without context parallelism)."""
+  return 0 if cfg.axis_name is None else jax.lax.axis_index(cfg.axis_name) * kv_len
+
+
+def combine(cfg: Config, acc):
+  """Sums of a pass added up over the context-parallel axis (unchanged on one device)."""
+  return acc if cfg.axis_name is None else jax.lax.psum(acc, cfg.axis_name)
+
+
+def combine_stats(cfg: Config, acc: StatsAcc) -> StatsAcc:
+  """Running statistics of every key shard merged (Chan's update across devices)."""
+  if cfg.axis_name is None:
+    return acc
+  name = cfg.axis_name
+  top = jax.lax.pmax(acc.top, name)
+  ties = jax.lax.psum(jnp.where(acc.top == top, acc.ties, 0.0), name)
+  below = jax.lax.pmax(jnp.maximum(acc.below, jnp.where(acc.top < top, acc.top, -jnp.inf)), name)
+  count = jax.lax.psum(acc.count, name)
+  mean = jax.lax.psum(acc.count * acc.mean, name) / jnp.maximum(count, 1.0)
+  m2 = jax.lax.psum(acc.m2 + acc.count * jnp.square(acc.mean - mean), name)
+  return StatsAcc(top, ties, below, count, mean, m2)
 
 
 class _Padded(NamedTuple):
@@ -382,8 +418,9 @@ def _pad_inputs(cfg: Config, q, k, v, q_ok, k_ok, mask) -> _Padded:
   return _Padded(q, k, v, pad_axis(q_ok, 1, tq, False), pad_axis(k_ok, 1, tk, False), mask)
 
 
-def _query_block(cfg: Config, x: _Padded, start):
-  """Closures over one query block: its scores per key block, and its slices."""
+def _query_block(cfg: Config, x: _Padded, start, k_offset=0):
+  """Closures over one query block: its scores per key block, and its slices (keys at positions
+  from ``k_offset``)."""
   bq, bk = cfg.block_q, cfg.block_k
   qb = jax.lax.dynamic_slice_in_dim(x.q, start, bq, axis=1)
   q_ok = jax.lax.dynamic_slice_in_dim(x.q_ok, start, bq, axis=1)[:, None, None, :]
@@ -401,7 +438,8 @@ def _query_block(cfg: Config, x: _Padded, start):
     m = mask
     if m is not None and m.shape[4] > 1:
       m = jax.lax.dynamic_slice_in_dim(m, k_start, bk, axis=4)
-    return s, block_valid(q_pos, k_start + jnp.arange(bk), q_ok, k_ok, m, cfg.is_causal), kb
+    k_pos = k_offset + k_start + jnp.arange(bk)
+    return s, block_valid(q_pos, k_pos, q_ok, k_ok, m, cfg.is_causal), kb
 
   return qb, scores
 
@@ -428,11 +466,12 @@ def _blockwise_forward(cfg: Config, q, k, v, target, q_ok, k_ok, mask):
   target = target.reshape(batch, kv_heads, groups, -1)
   row_shape = (batch, kv_heads, groups, cfg.block_q)
   prec = precision_for(dtype)
+  offset = key_offset(cfg, k.shape[1])
 
   def one_block(i):
     start = i * cfg.block_q
-    _, scores = _query_block(cfg, x, start)
-    hi = num_key_blocks(cfg, start, n_k)
+    _, scores = _query_block(cfg, x, start, offset)
+    hi = num_key_blocks(cfg, start, n_k, offset)
     tgt = jax.lax.dynamic_slice_in_dim(target, start, cfg.block_q, axis=3)
 
     def stats_pass():
@@ -440,7 +479,8 @@ def _blockwise_forward(cfg: Config, q, k, v, target, q_ok, k_ok, mask):
         s, valid, _ = scores(j)
         return stats_update(acc, s, valid)
 
-      return stats_finalize(jax.lax.fori_loop(0, hi, body, stats_init(row_shape, dtype)))
+      acc = jax.lax.fori_loop(0, hi, body, stats_init(row_shape, dtype))
+      return stats_finalize(combine_stats(cfg, acc))
 
     def moments_pass(gamma, center, zmax, n_ties):
       def body(j, acc):
@@ -448,7 +488,7 @@ def _blockwise_forward(cfg: Config, q, k, v, target, q_ok, k_ok, mask):
         return moments_update(acc, s, valid, zmax, gamma, center)
 
       acc = jax.lax.fori_loop(0, hi, body, moments_init(row_shape, dtype))
-      return moments_finalize(acc, gamma, center, n_ties)
+      return moments_finalize(combine(cfg, acc), gamma, center, n_ties)
 
     zmax, gamma, center, free, log_n = solve_rows(
       stats_pass, moments_pass, tgt, cfg.relative, cfg.num_iters
@@ -460,7 +500,7 @@ def _blockwise_forward(cfg: Config, q, k, v, target, q_ok, k_ok, mask):
       pv = lambda w: jnp.einsum("bhgqk,bkhd->bhgqd", w, vb, precision=prec)
       return out_update(acc, s, valid, zmax, gamma, center, pv)
 
-    acc = jax.lax.fori_loop(0, hi, out_body, out_init(row_shape, dim, dtype))
+    acc = combine(cfg, jax.lax.fori_loop(0, hi, out_body, out_init(row_shape, dim, dtype)))
     out, cov, mean, var = out_finalize(acc, center)
     return out, cov, Rows(zmax, gamma, acc.denom, mean, var, free, log_n)
 
@@ -483,10 +523,11 @@ def _blockwise_backward(cfg: Config, q, k, v, q_ok, k_ok, mask, rows: Rows, coef
   inv_denom = jnp.where(rows.denom > 0, 1.0 / jnp.where(rows.denom > 0, rows.denom, 1.0), 0.0)
   per_row = (rows.zmax, rows.gamma, inv_denom, rows.mean, coef, delta)
   per_row = [pad_axis(r.astype(dtype), 2, tq).reshape(batch, kv_heads, groups, tq) for r in per_row]
+  offset = key_offset(cfg, k.shape[1])
 
   def one_block(carry, i):
     start = i * bq
-    qb, scores = _query_block(cfg, x, start)
+    qb, scores = _query_block(cfg, x, start, offset)
     dob = jax.lax.dynamic_slice_in_dim(d_out, start, bq, axis=1)
     row = [jax.lax.dynamic_slice_in_dim(r, start, bq, axis=3) for r in per_row]
 
@@ -504,7 +545,7 @@ def _blockwise_backward(cfg: Config, q, k, v, q_ok, k_ok, mask, rows: Rows, coef
       )
       return dq, add(dk, dk_j), add(dv, dv_j)
 
-    hi = num_key_blocks(cfg, start, n_k)
+    hi = num_key_blocks(cfg, start, n_k, offset)
     dq, dk, dv = jax.lax.fori_loop(0, hi, body, (jnp.zeros_like(qb), *carry))
     return (dk, dv), dq
 
@@ -513,7 +554,7 @@ def _blockwise_backward(cfg: Config, q, k, v, q_ok, k_ok, mask, rows: Rows, coef
   )
   dq = jnp.moveaxis(dq, 0, 1).reshape(batch, tq, heads, dim)[:, :q_len]
   kv_len = k.shape[1]
-  return dq, dk[:, :kv_len], dv[:, :kv_len]
+  return combine(cfg, dq), dk[:, :kv_len], dv[:, :kv_len]
 
 
 BLOCKWISE = Engine(_blockwise_forward, _blockwise_backward)

@@ -86,8 +86,8 @@ def _counts(dm: jax.Array) -> tuple[jax.Array, jax.Array]:
   exact while it stays below 2^24): on the CPU every reduction is a pass over the data.
   """
   n = dm.shape[-1]
-  ones = jnp.where(dm != -jnp.inf, 1.0, 0.0).astype(dm.dtype)
-  at_max = jnp.where(dm == 0, 1.0, 0.0).astype(dm.dtype)
+  ones = (dm != -jnp.inf).astype(dm.dtype)
+  at_max = (dm == 0).astype(dm.dtype)
   if n < 4096:
     packed = jnp.sum(ones + (n + 1.0) * at_max, axis=-1).astype(jnp.int32)
     return (packed % (n + 1)).astype(dm.dtype), (packed // (n + 1)).astype(dm.dtype)

@@ -184,8 +184,9 @@ def _tangents(q, x, gamma, scale, dx, dt):
   # overflows): q is one-hot and locally constant there, as the tangents are with γ = 0.
   gamma = jnp.where(jnp.isinf(gamma), 0.0, gamma)
   on = q > 0  # the support (masked entries may hold -inf logits)
-  dx = jnp.where(on, dx, 0.0)
-  mean = jnp.sum(q * jnp.where(on, x, 0.0), axis=-1, keepdims=True)
+  # Masked entries zeroed before any arithmetic: a -inf there would make second derivatives NaN.
+  dx, x = jnp.where(on, dx, 0.0), jnp.where(on, x, 0.0)
+  mean = jnp.sum(q * x, axis=-1, keepdims=True)
   u = jnp.where(on, gamma[..., None] * (x - mean), 0.0)
   w = jnp.sum(q * u * u, axis=-1)
   moves = (scale != 0) & (w > 0)

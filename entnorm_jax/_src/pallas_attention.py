@@ -33,6 +33,7 @@ from entnorm_jax._src.blockwise_attention import (
   block_valid,
   compute_dtype,
   grad_block,
+  int_div,
   moments_finalize,
   moments_init,
   moments_update,
@@ -87,9 +88,7 @@ class _Layout:
 
   def kv_full(self):
     g = self.groups
-    return pl.BlockSpec(
-      (None, self.tk, None, self.dim), lambda b, h, i: (b, 0, jax.lax.div(h, g), 0)
-    )
+    return pl.BlockSpec((None, self.tk, None, self.dim), lambda b, h, i: (b, 0, int_div(h, g), 0))
 
   def row_block(self):
     return pl.BlockSpec((None, None, self.cfg.block_q), lambda b, h, i: (b, h, i))
@@ -303,7 +302,7 @@ def _dkv_kernel(cfg, n_q, dtype, has_mask, *refs):
     dv = dv + _mm(p, do, (0, 0), do, prec).astype(dtype)
     return dk, dv
 
-  first = jax.lax.div(k_start, bq) if cfg.is_causal else 0
+  first = int_div(k_start, bq) if cfg.is_causal else 0
   zeros = jnp.zeros(k.shape, dtype)
   dk, dv = jax.lax.fori_loop(first, n_q, body, (zeros, zeros))
   dk_ref[...] = (dk * cfg.scale).astype(dk_ref.dtype)
@@ -336,7 +335,7 @@ def _pallas_backward(cfg: Config, q, k, v, q_ok, k_ok, mask, rows: Rows, coef, d
 
   g, bk, dim = lay.groups, cfg.block_k, lay.dim
   q_full = pl.BlockSpec((None, lay.tq, None, dim), lambda b, h, j: (b, 0, h, 0))
-  kv_block = pl.BlockSpec((None, bk, None, dim), lambda b, h, j: (b, j, jax.lax.div(h, g), 0))
+  kv_block = pl.BlockSpec((None, bk, None, dim), lambda b, h, j: (b, j, int_div(h, g), 0))
   ok_k = [
     pl.BlockSpec((None, lay.tq), lambda b, h, j: (b, 0)),
     pl.BlockSpec((None, bk), lambda b, h, j: (b, j)),

@@ -50,6 +50,7 @@ MAX_EVALUATIONS = {np.dtype("float32"): 32, np.dtype("float64"): 48}
 LIGHT_WITHIN = 0.03
 
 _MAX_LOG_GROWTH = float(np.log(16.0))
+_HALF_LOG_2PI = float(0.5 * np.log(2 * np.pi))
 
 
 class Bounds(NamedTuple):
@@ -122,7 +123,7 @@ class _Model(NamedTuple):
     """``(H - log m, V, mean)`` of the model at γ."""
     a = self.beta - gamma * self.s
     log_phi_a = _log_phi(a)
-    mills = jnp.exp(-0.5 * a * a - 0.5 * np.log(2 * np.pi) - log_phi_a)
+    mills = jnp.exp(-0.5 * a * a - _HALF_LOG_2PI - log_phi_a)
     log_e = gamma * self.mu + 0.5 * jnp.square(gamma * self.s) + log_phi_a - self.log_phi_beta
     mean_b = self.mu + gamma * self.s * self.s - self.s * mills
     var_b = self.s * self.s * jnp.maximum(1.0 - a * mills - mills * mills, 1e-6)
