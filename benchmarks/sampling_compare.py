@@ -51,12 +51,12 @@ SWEEPS: dict[str, tuple[str, str, list, dict]] = {
     {"ceiling": True},
   ),
   "temperature": ("temperature", "temperature", [0.3, 0.45, 0.6, 0.75, 0.9, 1.0, 1.15], {}),
-  "top_k": ("top_k", "k", [2, 3, 5, 8, 13, 25], {}),
-  "top_p": ("top_p", "p", [0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99], {}),
-  "min_p": ("min_p", "p", [0.6, 0.4, 0.25, 0.15, 0.08, 0.04, 0.01], {}),
-  "typical": ("typical", "p", [0.2, 0.4, 0.6, 0.8, 0.9, 0.95, 0.99], {}),
-  "eta": ("eta", "epsilon", [0.3, 0.15, 0.08, 0.04, 0.02, 0.008, 0.002], {}),
-  "mirostat": ("mirostat", "tau", [0.3, 0.6, 1.0, 1.5, 2.0, 2.5, 3.0], {}),
+  "top_k": ("top_k", "top_k", [2, 3, 5, 8, 13, 25], {}),
+  "top_p": ("top_p", "top_p", [0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99], {}),
+  "min_p": ("min_p", "min_p", [0.6, 0.4, 0.25, 0.15, 0.08, 0.04, 0.01], {}),
+  "typical": ("typical", "typical_p", [0.2, 0.4, 0.6, 0.8, 0.9, 0.95, 0.99], {}),
+  "eta": ("eta", "eta_cutoff", [0.3, 0.15, 0.08, 0.04, 0.02, 0.008, 0.002], {}),
+  "mirostat": ("mirostat", "mirostat_tau", [0.3, 0.6, 1.0, 1.5, 2.0, 2.5, 3.0], {}),
 }
 LEVELS = (0.4, 0.8, 1.2)  # mean entropies (nats) at which methods are compared
 
