@@ -202,7 +202,10 @@ def solve_gamma(
       2e-6·max(1, log n) nats of its target (1e-12 in float64); an int k runs exactly k
       Halley-type steps (static).
     implementation: ``None`` picks by platform: ``"tiled"`` on CPUs (rows solved in cache-sized
-      blocks), ``"xla"`` elsewhere (whole-array passes). Both give the same answers.
+      blocks), ``"pallas"`` on CUDA GPUs (one fused kernel solving each block of rows on chip),
+      ``"xla"`` elsewhere (whole-array passes). A forced ``"pallas"`` is compiled by Triton on
+      GPUs, interpreted on CPUs (slow: for tests), and falls back to ``"xla"`` on TPUs and for
+      rows longer than 16384. All give the same answers.
 
   Returns:
     γ*, of shape ``logits.shape`` without ``axis``, in the dtype of ``logits``.
@@ -258,7 +261,10 @@ def entropy_softmax(
       2e-6·max(1, log n) nats of its target (1e-12 in float64); an int k runs exactly k
       Halley-type steps (static).
     implementation: ``None`` picks by platform: ``"tiled"`` on CPUs (rows solved in cache-sized
-      blocks), ``"xla"`` elsewhere (whole-array passes). Both give the same answers.
+      blocks), ``"pallas"`` on CUDA GPUs (one fused kernel solving each block of rows on chip),
+      ``"xla"`` elsewhere (whole-array passes). A forced ``"pallas"`` is compiled by Triton on
+      GPUs, interpreted on CPUs (slow: for tests), and falls back to ``"xla"`` on TPUs and for
+      rows longer than 16384. All give the same answers.
 
   Returns:
     Probabilities of the shape and dtype of ``logits``. A row with no valid entry is all zeros.

@@ -6,10 +6,14 @@ Layouts (``implementation``):
 * ``"tiled"`` (the CPU default): rows are solved in blocks of about 2 MiB, one after another
   (``lax.map``), so that every pass of a block's solve reads memory that is already in cache,
   and each block stops as soon as its own rows are on target;
-* ``"xla"`` (the GPU/TPU default): every pass covers the whole array, and the loop stops when every
-  row is on target.
+* ``"xla"`` (the TPU default): every pass covers the whole array, and the loop stops when every
+  row is on target;
+* ``"pallas"`` (the CUDA default): one fused Pallas kernel whose programs each load a block of rows
+  once and run the whole solve on it (:mod:`entnorm_jax._src.pallas_core`); compiled by Triton on
+  CUDA and ROCm, interpreted on CPUs, the ``"xla"`` layout on TPUs and for rows longer than
+  :data:`entnorm_jax._src.pallas_core.MAX_LENGTH`.
 
-Both run the same per-block solve (:func:`entnorm_jax._src.solver.solve`) and give the same
+All run the same per-block solve (:func:`entnorm_jax._src.solver.solve`) and give the same
 answers. The output is ``e / S_0`` from the solve's last evaluation: no extra exponential.
 
 The derivative never goes through the loop. γ* is defined by F(γ, z, H_t) = H(γ; z) - H_t = 0, and
@@ -31,10 +35,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from entnorm_jax._src import pallas_core
 from entnorm_jax._src.moments import Shifted, evaluate, row_stats, shifted
-from entnorm_jax._src.solver import FULL, entropy_bounds, solve, start
+from entnorm_jax._src.solver import FULL, any_of, entropy_bounds, solve, start
 
-IMPLEMENTATIONS = ("tiled", "xla")
+IMPLEMENTATIONS = ("tiled", "xla", "pallas")
 
 # Bytes of logits per block in the tiled layout: a block's passes then run from the cache. Measured
 # on a 2-core x86 machine (2 MiB L2, 32 MiB L3): 1-4 MiB blocks cost the same, 8 MiB twice as much.
@@ -73,7 +78,8 @@ def tile_rows(rows: int, n: int, itemsize: int) -> int:
 
 
 def _solve_block(x, where, target, relative, num_iters) -> Solution:
-  """Solves ``[T, n]`` rows (any T): the body of both layouts."""
+  """Solves ``[T, n]`` rows (any T): the body of every layout (in the Pallas kernel, with a
+  per-row ``relative``)."""
   rows = shifted(x, where)
   stats = row_stats(rows)
   rows, stats, unit = _rescale_tiny_rows(rows, stats)
@@ -92,7 +98,7 @@ def _solve_block(x, where, target, relative, num_iters) -> Solution:
       mom, e, s0 = evaluate(rows, gamma, stats.n_ties, full=full)
       return mom, jnp.full(gamma.shape, full), (e, s0)
 
-    return jax.lax.cond(jnp.any(mode == FULL), lambda: run(True), lambda: run(False))
+    return jax.lax.cond(any_of(mode == FULL), lambda: run(True), lambda: run(False))
 
   first = start(stats, bounds, nats)
   gamma, _, (e, s0) = solve(
@@ -115,7 +121,7 @@ def _rescale_tiny_rows(rows: Shifted, stats):
     scaled = Shifted(rows.zmax, rows.d * factor, rows.dm * factor)
     return scaled, row_stats(scaled)
 
-  rows, stats = jax.lax.cond(jnp.any(exponent != 0), rescale, lambda: (rows, stats))
+  rows, stats = jax.lax.cond(any_of(exponent != 0), rescale, lambda: (rows, stats))
   return rows, stats, jnp.exp2(exponent)
 
 
@@ -142,14 +148,29 @@ def _tiled(block, x, where, target, relative) -> Solution:
   return jax.lax.fori_loop(0, -(-rows // t), body, Solution(x, per_row, per_row))
 
 
+def _pallas(block, x, where, target, relative, *, interpret: bool) -> Solution:
+  """``block`` run by the fused kernel of :mod:`entnorm_jax._src.pallas_core`."""
+  return Solution(*pallas_core.solve_rows(block, x, where, target, relative, interpret=interpret))
+
+
 def _layout(x, where, target, relative, cfg: Config) -> Solution:
+  """The solve in the layout of ``cfg.implementation``, or the platform's. The choice between
+  branches is made per platform when the computation is lowered (``platform_dependent``), so that
+  a computation exported for a GPU gets the compiled kernel even when traced on a CPU."""
   block = functools.partial(_solve_block, num_iters=cfg.num_iters)
   tiled = functools.partial(_tiled, block)
+  compiled = functools.partial(_pallas, block, interpret=False)
   if cfg.implementation == "tiled":
     return tiled(x, where, target, relative)
   if cfg.implementation == "xla":
     return block(x, where, target, relative)
-  return jax.lax.platform_dependent(x, where, target, relative, cpu=tiled, default=block)
+  args = (x, where, target, relative)
+  if cfg.implementation == "pallas":
+    interpreted = functools.partial(_pallas, block, interpret=True)
+    return jax.lax.platform_dependent(
+      *args, cpu=interpreted, cuda=compiled, rocm=compiled, default=block
+    )
+  return jax.lax.platform_dependent(*args, cpu=tiled, cuda=compiled, default=block)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(4,))
@@ -225,7 +246,7 @@ def _solve_rows_jvp(cfg, primals, tangents):
   args = (sol.probs, x, sol.gamma, sol.target_scale, dx, dt)
   if cfg.implementation == "tiled":
     dq, dgamma = _tiled_tangents(*args)
-  elif cfg.implementation == "xla":
+  elif cfg.implementation in ("xla", "pallas"):
     dq, dgamma = _tangents(*args)
   else:
     dq, dgamma = jax.lax.platform_dependent(*args, cpu=_tiled_tangents, default=_tangents)

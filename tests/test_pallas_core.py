@@ -1,0 +1,177 @@
+"""The fused Pallas kernel of the core solve (``implementation="pallas"``): interpreted on the CPU
+it gives the ``"xla"`` layout's outputs and gradients, and it lowers to a Triton kernel for GPUs."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import export
+from jax.experimental import pallas as pl
+
+import entnorm_jax as en
+from entnorm_jax._src import pallas_core
+
+_N = 100  # not a power of two: padded to 128 inside the kernel
+_BLOCK = 512  # entries per program in these tests: 4 rows of 128, so 23 rows make 6 blocks
+
+
+def _battery(rng):
+  """23 rows of 100 logits with a mask and per-row targets (nats): random rows and edge rows."""
+  rows = 23
+  x = rng.normal(size=(rows, _N)) * rng.uniform(0.1, 5.0, size=(rows, 1))
+  where = rng.uniform(size=(rows, _N)) > 0.3
+  target = rng.uniform(0.2, 3.5, size=rows)
+  where[0] = False  # all masked
+  where[1] = False
+  where[1, 7] = True  # one valid entry
+  x[2, [3, 50, 90]] = x[2].max() + 1.0  # ties at the maximum
+  where[2] = True
+  x[3] = 0.7  # uniform
+  x[4] = -1e4  # one-hot-like: a huge gap below the maximum
+  x[4, 11] = 0.0
+  where[4] = True
+  x[5] = 1e-22 * rng.normal(size=_N)  # a spread too small for float32 products: rescaled
+  x[6] = 4.0 * np.eye(_N)[2] + 0.01 * rng.normal(size=_N)  # one large value, the rest close
+  target[6] = 0.3
+  target[7] = 0.0  # at or beyond the edges: clamped
+  target[8] = 10.0
+  target[2] = np.log(3.0)  # exactly the tie row's argmax edge
+  target[9] = np.log(where[9].sum()) - 1e-3  # just below the uniform edge
+  return x.astype(np.float32), where, target.astype(np.float32)
+
+
+def _outputs(implementation: str, bfloat16: bool = True):
+  """A jitted function of the battery: probabilities, gradients of a weighted sum with respect to
+  the logits and the target, and (with ``bfloat16``) the probabilities of bfloat16 logits."""
+
+  def probs(x, where, target, relative):
+    return en.entropy_softmax(
+      x, target, where=where, relative=relative, implementation=implementation
+    )
+
+  def loss(x, where, target, relative, weights):
+    return jnp.sum(probs(x, where, target, relative) * weights)
+
+  def run(x, where, target, relative, weights):
+    grads = jax.grad(loss, argnums=(0, 2))(x, where, target, relative, weights)
+    gamma = en.solve_gamma(x, target, where=where, relative=relative, implementation=implementation)
+    out = (probs(x, where, target, relative), *grads, gamma)
+    return (*out, probs(x.astype(jnp.bfloat16), where, target, relative)) if bfloat16 else out
+
+  return jax.jit(run)
+
+
+@pytest.fixture(scope="module")
+def results():
+  """Both implementations on the battery, in nats and relative (one compile each)."""
+  rng = np.random.default_rng(7)
+  x, where, target = _battery(rng)
+  weights = rng.normal(size=x.shape).astype(np.float32)
+  fraction = np.clip(target / np.log(_N), 0.0, 1.0).astype(np.float32)
+  fraction[7], fraction[8] = 0.0, 1.0
+  out = {"weights": weights}
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(pallas_core, "BLOCK_ELEMENTS", _BLOCK)
+    for impl in ("pallas", "xla"):
+      run = _outputs(impl)
+      for relative, t in ((False, target), (True, fraction)):
+        out[impl, relative] = jax.device_get(run(x, where, t, jnp.asarray(relative), weights))
+  return out
+
+
+@pytest.mark.parametrize("relative", [False, True])
+def test_probabilities_match_xla(results, relative):
+  got, want = results["pallas", relative][0], results["xla", relative][0]
+  assert got.dtype == np.float32 and got.shape == (23, _N)
+  np.testing.assert_allclose(got, want, atol=2e-6, rtol=1e-5)
+  assert np.all(got[0] == 0) and got[1, 7] == 1.0
+
+
+@pytest.mark.parametrize("relative", [False, True])
+def test_gradients_match_xla(results, relative):
+  pairs = zip(results["pallas", relative][1:3], results["xla", relative][1:3], strict=True)
+  # The logits' gradient is a sum of terms of size γ*·|w| per entry, which can cancel: on a row
+  # with γ* = 52 and two near-tied maxima the exact gradient is 0 (two entries with a fixed entropy
+  # are a fixed distribution) and float32 leaves 1e-3 of each path's terms of size 50. The
+  # tolerance is float32's relative to those terms.
+  gamma = results["xla", relative][3]
+  terms = np.maximum(1.0, gamma * np.max(np.abs(results["weights"]), axis=-1))
+  for (got, want), scale in zip(pairs, (terms[:, None], terms), strict=True):
+    assert np.all(np.isfinite(got))
+    np.testing.assert_array_less(np.abs(got - want), 1e-4 * scale + 1e-3 * np.abs(want))
+
+
+def test_bfloat16_logits_match_xla(results):
+  got, want = results["pallas", False][4], results["xla", False][4]
+  assert got.dtype == jnp.bfloat16
+  np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32), atol=1e-2)
+
+
+def test_float64_matches_xla(x64):
+  x, where, target = _battery(np.random.default_rng(8))
+  x, target = x.astype(np.float64), target.astype(np.float64)
+  weights = np.random.default_rng(9).normal(size=x.shape)
+  relative = jnp.asarray(False)
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(pallas_core, "BLOCK_ELEMENTS", _BLOCK)
+    run = lambda impl: _outputs(impl, bfloat16=False)(x, where, target, relative, weights)
+    got, want = run("pallas"), run("xla")
+  assert got[0].dtype == jnp.float64
+  for a, b in zip(got, want, strict=True):
+    np.testing.assert_allclose(a, b, atol=1e-9, rtol=1e-8)
+
+
+def test_block_rows():
+  for rows, n_pad in ((1, 1), (5, 128), (1000, 128), (3, 2**14), (10**6, 2)):
+    t = pallas_core.block_rows(rows, n_pad)
+    assert t >= 1 and t & (t - 1) == 0
+    assert t * n_pad <= max(pallas_core.BLOCK_ELEMENTS, n_pad)
+    assert t <= pl.next_power_of_2(rows)
+
+
+def test_long_rows_use_xla_layout():
+  """Rows longer than MAX_LENGTH are solved without the kernel (traced only, not compiled)."""
+
+  def jaxpr(n):
+    fn = lambda x: en.entropy_softmax(x, 1.0, implementation="pallas")
+    return str(jax.make_jaxpr(fn)(jax.ShapeDtypeStruct((2, n), jnp.float32)))
+
+  assert "pallas_call" in jaxpr(pallas_core.MAX_LENGTH)
+  assert "pallas_call" not in jaxpr(pallas_core.MAX_LENGTH + 1)
+
+
+def _export(fn, platform: str, *args):
+  triton = "__gpu$xla.gpu.triton"
+  checks = [export.DisabledSafetyCheck.custom_call(triton)]
+  return export.export(jax.jit(fn), platforms=[platform], disabled_checks=checks)(
+    *args
+  ).mlir_module()
+
+
+@pytest.mark.parametrize("implementation", ["pallas", None])
+def test_lowers_to_triton_for_cuda(implementation):
+  """Forced, and by default on CUDA, the solve is one Triton kernel (compiled, not interpreted):
+  lowering for CUDA runs on any machine and goes through Pallas' Triton lowering of the solve."""
+
+  def loss(x, where, target):
+    out = en.entropy_softmax(x, target, where=where, implementation=implementation)
+    return jnp.sum(out * jnp.arange(x.shape[-1]))
+
+  args = (
+    jax.ShapeDtypeStruct((37, _N), jnp.float32),
+    jax.ShapeDtypeStruct((37, _N), jnp.bool_),
+    jax.ShapeDtypeStruct((37,), jnp.float32),
+  )
+  text = _export(jax.grad(loss, argnums=(0, 2)), "cuda", *args)
+  assert 'name = "entropy_softmax_rows"' in text
+  assert "__gpu$xla.gpu.triton" in text
+
+
+def test_tpu_uses_xla_layout():
+  """On TPUs a forced ``"pallas"`` lowers to the ``"xla"`` layout: the solve has no Mosaic lowering
+  (``erfc``), and Mosaic's lowering cannot even be tried without a TPU (it queries the chip)."""
+  x = jax.ShapeDtypeStruct((8, _N), jnp.float32)
+  text = _export(lambda x: en.entropy_softmax(x, 1.0, implementation="pallas"), "tpu", x)
+  assert "entropy_softmax_rows" not in text and "tpu_custom_call" not in text
