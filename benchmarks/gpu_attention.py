@@ -21,7 +21,8 @@ rewritten after every step, so a run cut short still leaves what it measured):
 
 Writes ``gpu_attention.json`` and ``gpu_attention.md`` (with the card's name) into ``--out``.
 ``--smoke`` runs the same steps at toy sizes with the kernels interpreted, so the script can be
-checked on a CPU.
+checked on a CPU. :mod:`benchmarks.gpu` (the one GPU command: the core and attention together)
+reuses these steps with its own sizes.
 """
 
 from __future__ import annotations
@@ -75,15 +76,23 @@ def _out_and_grads(implementation, interpret, **kw):
   return jax.jit(f)
 
 
-def check_accuracy(smoke: bool, interpret: bool) -> list[dict]:
-  """Pallas vs dense, float32, outputs and gradients (norm-relative errors)."""
+def check_accuracy(
+  smoke: bool, interpret: bool, cases: tuple[str, ...] | None = None
+) -> list[dict]:
+  """Pallas vs dense, float32, outputs and gradients (norm-relative errors).
+
+  Args:
+    smoke: toy sizes.
+    interpret: run the Pallas kernels interpreted (no GPU).
+    cases: names of the cases to run (``"gqa+causal+lengths"``, ``"4-D mask"``); None: all.
+  """
   n, dim = (37, 16) if smoke else (1000, 64)
   batch, heads, kv_heads = 2, 4, 2
   rows = []
   q, k, v, cot = _qkv(0, batch, n, heads, kv_heads, dim, jnp.float32)
   target = jnp.array([0.3, 0.5, 0.7, 0.9], jnp.float32)
   rng = np.random.default_rng(0)
-  cases = {
+  all_cases = {
     "gqa+causal+lengths": dict(
       mask=None, q_len=jnp.array([n, n - 7]), kv_len=jnp.array([n, n // 2]), is_causal=True
     ),
@@ -93,7 +102,9 @@ def check_accuracy(smoke: bool, interpret: bool) -> list[dict]:
     ),
   }  # fmt: skip
   blocks = dict(block_q=16, block_k=16) if smoke else dict(block_q=64, block_k=32)
-  for name, c in cases.items():
+  for name, c in all_cases.items():
+    if cases is not None and name not in cases:
+      continue
     args = (q, k, v, target, cot, c["mask"], c["q_len"], c["kv_len"])
     want = _out_and_grads("xla", interpret, is_causal=c["is_causal"])(*args)
     got = _out_and_grads("pallas", interpret, is_causal=c["is_causal"], **blocks)(*args)
@@ -139,10 +150,12 @@ def _flash_kwargs(q) -> dict:
     return {}
 
 
-def sweep_blocks(smoke: bool, interpret: bool, deadline: float) -> dict:
+def sweep_blocks(smoke: bool, interpret: bool, deadline: float, options=None) -> dict:
+  """Median Pallas forward time per ``(block_q, block_k)`` at 8k tokens (64 in smoke runs)."""
   n = 64 if smoke else 8192
   q, k, v, _ = _qkv(2, 1, n, 8, 8, 16 if smoke else 64, jnp.bfloat16)
-  options = [(16, 16), (32, 16)] if smoke else [(64, 64), (128, 64), (64, 128), (128, 128)]
+  if options is None:
+    options = [(16, 16), (32, 16)] if smoke else [(64, 64), (128, 64), (64, 128), (128, 128)]
   timings = {}
   for bq, bk in options:
     if time.perf_counter() > deadline:
@@ -157,9 +170,33 @@ def sweep_blocks(smoke: bool, interpret: bool, deadline: float) -> dict:
   return {"length": n, "median_s": timings, "best": best}
 
 
-def time_lengths(smoke: bool, interpret: bool, blocks: str, deadline: float) -> list[dict]:
+def time_lengths(
+  smoke: bool,
+  interpret: bool,
+  blocks: str,
+  deadline: float,
+  *,
+  lengths=None,
+  grad_up_to: int = 8192,
+  extras: bool = True,
+) -> list[dict]:
+  """Forward (and up to ``grad_up_to`` tokens, forward+backward) times, bfloat16, causal.
+
+  Args:
+    smoke: toy sizes (head dim 16).
+    interpret: run the Pallas kernels interpreted (no GPU).
+    blocks: Pallas ``"block_qxblock_k"``, e.g. ``"64x64"``.
+    deadline: ``time.perf_counter()`` after which the remaining lengths are skipped (recorded).
+    lengths: token counts; None: 1k to 32k (64 and 128 in smoke runs).
+    grad_up_to: longest length also timed forward+backward.
+    extras: up to 8k, also the blockwise pure-JAX version and Pallas with 3 solver iterations.
+
+  Returns:
+    One row per length: medians in seconds and the Pallas / flash ratios.
+  """
   bq, bk = (int(b) for b in blocks.split("x"))
-  lengths = [64, 128] if smoke else [1024, 2048, 4096, 8192, 16384, 32768]
+  if lengths is None:
+    lengths = [64, 128] if smoke else [1024, 2048, 4096, 8192, 16384, 32768]
   rows = []
   for n in lengths:
     if time.perf_counter() > deadline:
@@ -171,7 +208,7 @@ def time_lengths(smoke: bool, interpret: bool, blocks: str, deadline: float) -> 
       "pallas": _forward("pallas", interpret, block_q=bq, block_k=bk),
       "flash": _forward("flash", interpret, **flash_kw),
     }
-    if n <= 8192:
+    if extras and n <= 8192:
       fns["blockwise"] = _forward("blockwise", interpret)
       # Rough entropy control: 3 solver iterations instead of the float32 default of 8.
       fns["pallas_3it"] = _forward("pallas", interpret, block_q=bq, block_k=bk, num_iters=3)
@@ -182,7 +219,7 @@ def time_lengths(smoke: bool, interpret: bool, blocks: str, deadline: float) -> 
       row["forward_s"] = {name: s["median_s"] for name, s in fwd.items()}
       row["forward_iqr_s"] = {name: [s["q25_s"], s["q75_s"]] for name, s in fwd.items()}
       row["pallas_over_flash"] = fwd["pallas"]["median_s"] / fwd["flash"]["median_s"]
-      if n <= 8192:
+      if n <= grad_up_to:
         grads = {}
         for name in ("pallas", "flash"):
           loss = lambda q, k, v, f=fns[name], c=cot: jnp.vdot(f(q, k, v).astype(c.dtype), c)
@@ -190,21 +227,25 @@ def time_lengths(smoke: bool, interpret: bool, blocks: str, deadline: float) -> 
           grads[name] = (common.compile_ahead(g, q, k, v), (q, k, v))
         both = common.time_calls(grads, repeats=5, max_total_s=20)
         row["fwd_bwd_s"] = {name: s["median_s"] for name, s in both.items()}
+        row["fwd_bwd_pallas_over_flash"] = both["pallas"]["median_s"] / both["flash"]["median_s"]
     except Exception:  # noqa: BLE001 - recorded, the next length still runs
       row["error"] = traceback.format_exc(limit=4)[-2000:]
     rows.append(row)
   return rows
 
 
-def markdown(result: dict) -> str:
-  env = result["environment"]
-  lines = [
-    "## Entropy attention on the GPU (Pallas)",
-    "",
-    f"Device: {env.get('device_kind')} ({env.get('backend')}), jax {env.get('jax')}; "
-    f"interpret={result['interpret']}; wall {result.get('wall_s', 0):.0f} s.",
-    "",
-  ]
+def _fwd_bwd_cell(row: dict) -> str:
+  if "fwd_bwd_s" not in row:
+    return "—"
+  times = " / ".join(common.fmt_time(x) for x in row["fwd_bwd_s"].values())
+  ratio = row.get("fwd_bwd_pallas_over_flash")
+  return times if ratio is None else f"{times} ({ratio:.2f}x)"
+
+
+def markdown_lines(result: dict) -> list[str]:
+  """Markdown lines for the steps' results in ``result`` (``accuracy``, ``bf16``, ``sweep``,
+  ``timing``; each optional)."""
+  lines = []
   for row in result.get("accuracy", []):
     errs = ", ".join(f"{k} {v:.1e}" for k, v in row["rel_errors"].items())
     lines.append(f"- accuracy {row['case']} (float32, n={row['length']}): {errs} -> "
@@ -228,12 +269,25 @@ def markdown(result: dict) -> str:
       f"{r['pallas_over_flash']:.2f}x",
       common.fmt_time(f["pallas_3it"]) if "pallas_3it" in f else "—",
       common.fmt_time(f["blockwise"]) if "blockwise" in f else "—",
-      " / ".join(common.fmt_time(x) for x in r.get("fwd_bwd_s", {}).values()) or "—",
+      _fwd_bwd_cell(r),
     ])  # fmt: skip
   if rows:
     lines += ["", common.markdown_table(
       ["tokens", "Pallas fwd", "flash fwd", "Pallas / flash", "Pallas 3 iters", "blockwise fwd",
        "fwd+bwd Pallas / flash"], rows)]  # fmt: skip
+  return lines
+
+
+def markdown(result: dict) -> str:
+  env = result["environment"]
+  lines = [
+    "## Entropy attention on the GPU (Pallas)",
+    "",
+    f"Device: {env.get('device_kind')} ({env.get('backend')}), jax {env.get('jax')}; "
+    f"interpret={result['interpret']}; wall {result.get('wall_s', 0):.0f} s.",
+    "",
+    *markdown_lines(result),
+  ]
   for name, err in result.get("errors", {}).items():
     lines += ["", f"- step {name} failed: `{err.splitlines()[-1]}`"]
   return "\n".join(lines) + "\n"
