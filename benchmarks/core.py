@@ -17,6 +17,20 @@ with logits ``3 · N(0, 1)`` and every row's target at ``0.5 · log n`` (the iss
 
 Accuracy is max |H(q) - target| over rows, in float64 with NumPy.
 
+Structures prototyped on the 2-core CPU machine while building the tiled solver and dropped (the
+two still in the library are timed above: the whole-array layout about 2x the tiled one, fixed
+iteration counts):
+
+* iterations outside, blocks inside (each iteration a ``lax.map`` over row blocks): 8.8 ns per
+  element, about twice the tiled solve, whose blocks keep their rows in cache for every pass;
+* the implicit tangents as whole-array passes: 3.78x softmax's gradient against 2.63x for the
+  tiled, checkpointed tangents kept;
+* transposed short rows, the sums as dot products, stacking the sums into one reduction, more or
+  larger light evaluations, a Gaussian-only first guess (no tie/gap model), blocks of 8 MiB (twice
+  the cost of 1-4 MiB blocks): each slower or no faster in side-by-side timings (their exact
+  figures were not kept); Halley's third sum against a Newton step costs the same once the first
+  guess is close, so the step is third order.
+
 Run ``python -m benchmarks.core [--quick]``: prints the tables and writes ``core.json``,
 ``core.md`` and ``core.png`` into ``benchmarks/results/``.
 """

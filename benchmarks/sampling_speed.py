@@ -124,7 +124,7 @@ def run(quick: bool = False) -> dict:
     },
     "torch": torch_info,
     "environment": common.environment(),
-    "notes": "CPU shared with other jobs while measured: repeats interleaved, medians and IQR.",
+    "notes": "Repeats interleaved, medians and IQR (the machine may be shared: see the IQRs).",
   }
   if torch is not None:
     ratio = stats[JAX_TOP_P]["median_s"] / stats[TORCH_TOP_P]["median_s"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 
 import jax
@@ -56,3 +57,10 @@ def float64_arrays(fn, *args) -> list[str]:
   """
   text = str(jax.make_jaxpr(fn)(*args))
   return [line.strip() for line in text.splitlines() if re.search(r"f64\[\d", line)]
+
+
+def sharding_env() -> dict[str, str]:
+  """The environment of a subprocess with 8 host devices (on the CPU), keeping the caller's
+  XLA_FLAGS."""
+  flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8".strip()
+  return dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")

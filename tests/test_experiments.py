@@ -93,6 +93,9 @@ def test_prefix_of_a_long_window_is_the_short_evaluation(corpus):
 
 def test_extrapolation_run_tiny(monkeypatch, tmp_path):
   monkeypatch.setitem(extrapolation.SIZES, True, dict(TINY_EXTRAPOLATION))
+  # One plain and one entropy variant (each compiles its own model twice: the main and the control
+  # arm); the four variants' attention functions are checked above.
+  monkeypatch.setattr(extrapolation, "VARIANTS", ("standard", "entropy_learned"))
   result = extrapolation.run(quick=True)
   json.dumps(result)
   cfg = result["config"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -11,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import sharding_env
 from jax.test_util import check_grads
 
 import entnorm_jax as en
@@ -145,7 +145,7 @@ _SHARDING_SCRIPT = textwrap.dedent(
 
 
 def test_sharded_inputs_match_one_device():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  env = sharding_env()
   out = subprocess.run(
     [sys.executable, "-c", _SHARDING_SCRIPT], env=env, capture_output=True, text=True, timeout=300
   )

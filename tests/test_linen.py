@@ -256,10 +256,13 @@ def test_decode_cache_matches_flax_decode_with_and_without_x64(key, x64):
     (expected, flax_cache), (got, cache) = decode(flax_mha), decode(ours)
     assert got.dtype == expected.dtype == dtype
     assert cache["cache_index"].dtype == jnp.int32 and int(cache["cache_index"]) == x.shape[1]
-    atol = 1e-10 if x64 else 2e-5
+    # Float32: at t = 1 a row has two keys near the uniform end, where dH/dγ = -γ Var is small and
+    # the solver's entropy tolerance (2e-6 nats) allows |Δq| ≈ 2e-5, |Δout| ≈ 5e-5; the cache
+    # itself is exact.
+    atol = 1e-10 if x64 else 1e-4
     np.testing.assert_allclose(got, expected, atol=atol, rtol=atol)
     for name in ("cached_key", "cached_value"):
-      np.testing.assert_allclose(cache[name], flax_cache[name], atol=atol, rtol=atol)
+      np.testing.assert_allclose(cache[name], flax_cache[name], atol=1e-10 if x64 else 1e-6)
 
 
 def test_dropout_follows_the_dropout_rng(setup):

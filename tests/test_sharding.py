@@ -8,10 +8,11 @@ jitted optax step are compared with the same computation on one device.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
+
+from conftest import sharding_env
 
 _PRELUDE = """
 import jax, jax.numpy as jnp, numpy as np, optax
@@ -95,7 +96,7 @@ print("nnx ok")
 
 
 def _run(script: str, expect: str) -> None:
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  env = sharding_env()
   code = textwrap.dedent(_PRELUDE) + textwrap.dedent(script)
   out = subprocess.run(
     [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600
