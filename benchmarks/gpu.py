@@ -506,16 +506,7 @@ def main(argv=None) -> dict:
     "attention_accuracy": lambda: attention_accuracy(smoke, interpret),
     "attention_timing": lambda: attention_timing(smoke, interpret, deadline),
   }
-  for step, fn in steps.items():
-    if step != "device" and time.perf_counter() > deadline:
-      result["skipped"][step] = f"time budget ({BUDGET_S:.0f} s) spent"
-    else:
-      try:
-        result[step] = fn()
-      except Exception:  # noqa: BLE001 - recorded; later steps still run
-        result["errors"][step] = traceback.format_exc(limit=6)[-3000:]
-    save()
-    print(f"[{time.perf_counter() - start:6.1f} s] {step} done", flush=True)
+  gpu_attention.run_steps(result, steps.items(), save, start, deadline, always=("device",))
   print(markdown(result))
   print(f"written: {out / 'gpu.json'}, {out / 'gpu.md'}")
   return result

@@ -293,6 +293,23 @@ def markdown(result: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
+def run_steps(result: dict, steps, save, start: float, deadline=float("inf"), always=()) -> None:
+  """Runs each ``(name, fn)`` of ``steps`` into ``result[name]``, each guarded: a failure records
+  its traceback in ``result["errors"]`` and the next step runs; ``save()`` after every step. Steps
+  reached after ``deadline`` (those in ``always`` excepted) are recorded in ``result["skipped"]``.
+  """
+  for step, fn in steps:
+    if step not in always and time.perf_counter() > deadline:
+      result.setdefault("skipped", {})[step] = "time budget spent"
+    else:
+      try:
+        result[step] = fn()
+      except Exception:  # noqa: BLE001 - recorded; later steps still run
+        result["errors"][step] = traceback.format_exc(limit=6)[-3000:]
+    save()
+    print(f"[{time.perf_counter() - start:6.1f} s] {step} done", flush=True)
+
+
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
@@ -323,13 +340,7 @@ def main(argv=None) -> dict:
       ),
     ),  # fmt: skip
   ]
-  for step, fn in steps:
-    try:
-      result[step] = fn()
-    except Exception:  # noqa: BLE001 - recorded; later steps still run
-      result["errors"][step] = traceback.format_exc(limit=6)[-3000:]
-    save()
-    print(f"[{time.perf_counter() - start:6.1f} s] {step} done", flush=True)
+  run_steps(result, steps, save, start)
   print(markdown(result))
   print(json.dumps({"written": str(out / f"{name}.json")}))
   return result
