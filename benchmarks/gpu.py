@@ -28,7 +28,6 @@ after :data:`BUDGET_S` seconds the remaining sizes and steps are skipped, and re
    (:func:`benchmarks.gpu_attention.time_lengths`). Target: forward+backward <= 3x flash
    attention at 8k.
 
-Where ``"pallas"`` is not among the core's implementations its rows read "not available".
 ``--smoke`` runs every step at toy sizes (on a CPU, with the Pallas kernels interpreted), to check
 the script; its speed figures mean nothing. A run on a CPU is always a smoke run.
 """
@@ -50,7 +49,7 @@ import numpy as np
 
 import entnorm_jax as en
 from benchmarks import common, gpu_attention
-from entnorm_jax._src import normalize
+from entnorm_jax._src import normalize, pallas_core
 
 # Remaining sizes and steps are skipped after this many seconds (the whole run stays under 8 min).
 BUDGET_S = 420.0
@@ -64,19 +63,6 @@ ATTENTION_FWD_BWD_BAR = 3.0  # entropy attention / flash attention, forward+back
 ATTENTION_BAR_LENGTH = 8192
 # Smoke runs time nothing that matters, so XLA:CPU may compile without optimizing (2-3x faster).
 SMOKE_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-
-
-def available(impl: str) -> bool:
-  """Whether the core has ``implementation=impl`` in this checkout."""
-  return impl in normalize.IMPLEMENTATIONS
-
-
-def _pallas_max_length() -> int | None:
-  try:
-    from entnorm_jax._src import pallas_core
-  except ImportError:
-    return None
-  return getattr(pallas_core, "MAX_LENGTH", None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,7 +109,7 @@ def device() -> dict:
     plugins=plugins,
     driver=_driver(),
     core_implementations=list(normalize.IMPLEMENTATIONS),
-    pallas_max_length=_pallas_max_length(),
+    pallas_max_length=pallas_core.MAX_LENGTH,
   )
   return env
 
@@ -190,7 +176,7 @@ def _core_cases(smoke: bool) -> dict:
   skip the longest row (a GPU concern) and give both other cases one shape (fewer compiles)."""
   rng = np.random.default_rng(0)
   dense, ragged = ((16, 40), (16, 40)) if smoke else ((512, 1000), (256, 3000))
-  longest = (16, min(16384, _pallas_max_length() or 16384))
+  longest = (16, pallas_core.MAX_LENGTH)
 
   def logits(shape):
     return (3 * rng.standard_normal(shape)).astype(np.float32)
@@ -224,7 +210,7 @@ def _value_and_grad(impl: str):
 
 def core_accuracy(smoke: bool) -> list[dict]:
   """Each implementation against the float64 reference and against the other."""
-  jitted = {impl: _value_and_grad(impl) for impl in IMPLEMENTATIONS if available(impl)}
+  jitted = {impl: _value_and_grad(impl) for impl in IMPLEMENTATIONS}
   rows = []
   for name, (x, valid, w) in _core_cases(smoke).items():
     mask = np.ones(x.shape, bool) if valid is None else valid
@@ -232,9 +218,6 @@ def core_accuracy(smoke: bool) -> list[dict]:
     row = {"case": name, "shape": list(x.shape)}
     got = {}
     for impl in IMPLEMENTATIONS:
-      if not available(impl):
-        row[impl] = "not available"
-        continue
       try:
         where = None if valid is None else jnp.asarray(valid)
         q, g = (np.asarray(a, np.float64) for a in jitted[impl](x, w, where))
@@ -274,17 +257,14 @@ def core_accuracy(smoke: bool) -> list[dict]:
 
 def core_timing(smoke: bool, deadline: float) -> list[dict]:
   """Forward and gradient medians of the core's implementations and of ``jax.nn.softmax``."""
-  fns = {f"entropy_softmax[{impl}]": _core_fn(impl) for impl in IMPLEMENTATIONS if available(impl)}
+  fns = {f"entropy_softmax[{impl}]": _core_fn(impl) for impl in IMPLEMENTATIONS}
   fns["softmax"] = jax.nn.softmax
-  max_length = _pallas_max_length()
+  max_length = pallas_core.MAX_LENGTH
   rows = []
   for i, shape in enumerate(SMOKE_CORE_SHAPES if smoke else CORE_SHAPES):
     row = {"shape": list(shape)}
     rows.append(row)
-    for impl in IMPLEMENTATIONS:
-      if not available(impl):
-        row[impl] = "not available"
-    if available("pallas") and max_length is not None and shape[-1] > max_length:
+    if shape[-1] > max_length:
       row["note"] = f"rows longer than {max_length}: the Pallas path runs the XLA layout"
     if time.perf_counter() > deadline:
       row["skipped"] = "time budget"
@@ -428,9 +408,6 @@ def _core_markdown(result: dict) -> list[str]:
           _cell(r["grad_over_softmax"].get(name), ".2f"),
           _cell(r["max_abs_entropy_error"].get(name)),
         ])  # fmt: skip
-      for impl in IMPLEMENTATIONS:
-        if r.get(impl) == "not available":
-          rows.append([r["shape"], f"entropy_softmax[{impl}]", "not available"] + [""] * 4)
       if "note" in r:
         rows.append([r["shape"], r["note"]] + [""] * 5)
     lines += ["", "### Core speed (float32, logits 3·normal, medians)", ""]
