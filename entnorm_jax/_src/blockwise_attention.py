@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from entnorm_jax._src.moments import Moments, RowStats, moments_from_sums
-from entnorm_jax._src.solver import entropy_bounds, solve, start
+from entnorm_jax._src.solver import entropy_bounds, inside, solve, start
 
 
 class Config(NamedTuple):
@@ -218,7 +218,7 @@ def solve_rows(stats_pass: Callable, moments_pass: Callable, target, relative: b
   bounds = entropy_bounds(stats, zmax.dtype)
   if relative:
     target = target * bounds.log_n
-  free = (target > bounds.log_m) & (target < bounds.log_n)
+  free = inside(bounds, target)
   every = jnp.ones(target.shape, bool)
 
   def evaluate(gamma, center, mode, aux):

@@ -37,7 +37,7 @@ import numpy as np
 
 from entnorm_jax._src import pallas_core
 from entnorm_jax._src.moments import Shifted, evaluate, row_stats, shifted
-from entnorm_jax._src.solver import FULL, any_of, entropy_bounds, solve, start
+from entnorm_jax._src.solver import FULL, any_of, entropy_bounds, inside, solve, start
 
 IMPLEMENTATIONS = ("tiled", "xla", "pallas")
 
@@ -86,7 +86,7 @@ def _solve_block(x, where, target, relative, num_iters) -> Solution:
   bounds = entropy_bounds(stats, x.dtype)
   scale = jnp.where(relative, bounds.log_n, 1.0)  # d(target in nats) / d(target)
   nats = target * scale
-  free = (nats > bounds.log_m) & (nats < bounds.log_n)
+  free = inside(bounds, nats)
   scale = jnp.where(free, scale, 0.0)
 
   def evaluate_rows(gamma, center, mode, aux):

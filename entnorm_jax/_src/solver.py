@@ -86,6 +86,17 @@ _ERFC_POLY = (
 )  # fmt: skip
 
 
+def inside(bounds: Bounds, target: jax.Array) -> jax.Array:
+  """Rows whose target lies more than the tolerance inside (log m, log n): the rows the solve moves.
+
+  A target within the tolerance of an edge is solved at that edge (γ = 0, or γ at the argmax end),
+  whose entropy is then within the tolerance of the target; closer to log m than float's range the
+  iteration itself would have nothing to measure (H - log m underflows).
+  """
+  tol = tolerance(bounds, target.dtype)
+  return (target > bounds.log_m + tol) & (target < bounds.log_n - tol)
+
+
 def _log_phi(a):
   """log Φ(a) (the standard normal CDF), within 1e-7 of ``log_ndtr`` for a >= -_MODEL_DEPTH.
 
@@ -248,8 +259,9 @@ def initial_gamma(stats: RowStats, bounds: Bounds, target: jax.Array) -> Start:
   # q's mean rises with γ from the plain mean (γ = 0) to the maximum, 0 (γ → ∞).
   center = jnp.where(argmax, 0.0, jnp.where(ok, center, stats.mean))
   center = jnp.clip(center, stats.mean, 0.0)
-  at_argmax = target <= bounds.log_m
-  at_uniform = target >= bounds.log_n  # also empty and all-tied rows (log m = log n)
+  tol = tolerance(bounds, target.dtype)  # see inside()
+  at_argmax = target <= bounds.log_m + tol
+  at_uniform = target >= bounds.log_n - tol  # also empty and all-tied rows (log m = log n)
   gamma = jnp.where(at_argmax, bounds.gamma_hi, gamma)
   gamma = jnp.where(at_uniform, 0.0, gamma)
   # A valid NaN makes the row maximum NaN; propagate it to γ (and so to the row's output).
