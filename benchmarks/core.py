@@ -31,6 +31,32 @@ iteration counts):
   figures were not kept); Halley's third sum against a Newton step costs the same once the first
   guess is close, so the step is third order.
 
+What bounds the remaining ratios on XLA's CPU backend (jax 0.10.2; found with ``jax.profiler``
+and the compiled HLO at [4096, 1024], 8 blocks of 512 rows): every row reduction is emitted as a
+YNNPACK fusion, which fuses an elementwise chain (``exp``, products, ``floor``, ``max``) into the
+sum that consumes it, but takes no comparison or ``where`` and gives one result per pass. So a
+``where`` before a reduction is written out as an array first, and an exponential that several
+sums share is written out once and re-read by each sum. Softmax is 3 passes (max with exp, sum,
+scale). Per block we make: the statistics pass, 11 passes (a third of the solve's time in the
+profile; 10 now without a mask); a full evaluation, 6 (exp, d², four sums); a light one, 3;
+the output, 1. The benchmark rows take full, full, light: about 27 passes against softmax's 3,
+at costs from 0.1 (a plain sum) to 0.6 (a sum with its exponential) of a softmax. Tried against
+that, the same day, side by side:
+
+* the statistics' counts and gap by arithmetic instead of comparisons (ties as
+  ``floor(max(d / tiny, -1) + 1)``, validity by ``tanh`` or ``exp`` rounding): 11 passes became 8-9,
+  but the indicator shared by two sums is written out anyway and the transcendental variants cost
+  more than the comparisons they replace: +10% (``tanh``/``exp``) and -2% (min/max/floor, within the
+  noise) on the whole solve; dropped. Kept: the maximum without a ``where`` when there is no mask
+  (one pass fewer);
+* the sums as one batched dot against stacked powers ``[1, d, d², d³]``: a full evaluation 1.93x
+  instead of 2.50x softmax at [512, 1024], but the stack costs its own passes and 4x the block's
+  memory; not adopted;
+* light evaluations from 0.5 nats instead of 0.03 (full, light, light instead of full, full,
+  light): 13.1 against 15.1 ms on the benchmark rows, but on the accuracy battery more light
+  evaluations that do not finish (n = 1024: 13 full + 7 light instead of 13 + 3; n = 8192: 36 + 36
+  instead of 48 + 11), so kept at 0.03.
+
 Run ``python -m benchmarks.core [--quick]``: prints the tables and writes ``core.json``,
 ``core.md`` and ``core.png`` into ``benchmarks/results/``.
 """

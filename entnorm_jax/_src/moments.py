@@ -118,7 +118,9 @@ def shifted(x: jax.Array, where: jax.Array | None, zmax: jax.Array | None = None
   if where is not None:
     valid = valid & where
   if zmax is None:
-    zmax = jnp.max(jnp.where(valid, x, -jnp.inf), axis=-1)
+    # Without ``where`` the masked entries are the -inf ones: the plain maximum, one pass fewer
+    # (XLA's CPU backend writes a ``where`` out as an array of its own before reducing it).
+    zmax = jnp.max(x if where is None else jnp.where(valid, x, -jnp.inf), axis=-1)
     zmax = jnp.where(jnp.isneginf(zmax), 0.0, zmax)
   top = zmax[..., None]
   # Exactly 0 at the maximum even when XLA recomputes x (say, scaled attention scores) inside each
