@@ -57,6 +57,25 @@ that, the same day, side by side:
   evaluations that do not finish (n = 1024: 13 full + 7 light instead of 13 + 3; n = 8192: 36 + 36
   instead of 48 + 11), so kept at 0.03.
 
+Short rows (``benchmarks.scaling``'s n = 16 and 64, 2^21 elements, N(0, 1) logits), measured the
+same day: the reductions themselves are the floor there. A full evaluation (exp and four sums) of
+one block costs 2.2x softmax at n = 16 and 2.3x at n = 64, a light one 1.5-1.6x, and a block of
+32,768 rows of 16 takes 5-6 evaluations, because its slowest rows decide (4 full and 1 light on
+3·N(0, 1) rows). A bare three-step Newton with no safeguards, no model and no convergence test is
+already 5.2x softmax at n = 16 (3.8x at 64, 3.4x at 1024), against our 30-32x, 10-12x and 5.3x.
+Tried against that:
+
+* no model (the plain-variance guess): 30.7x vs 30.2x at n = 16, 10.1x vs 11.2x at 64, 7.2x vs
+  6.8x at 256: the model is not the cost;
+* smaller blocks (512, 128, 32 KiB instead of 2 MiB): 28.6x, 35.7x, 41.1x at n = 16 (29.4x for
+  2 MiB) and 8.5x, 11.9x, 14.6x at 64 (7.3x): each per-row operation is a pass of its own, so more
+  blocks cost more;
+* the rows transposed (reductions across the leading axis): a plain sum 5.6x softmax instead of
+  0.24x;
+* sums as a tree of half-row additions, or as a matrix-vector product with ones: light 1.36x and
+  1.15x instead of 1.49x at n = 16, but full 1.92x and 4.35x instead of 2.19x, and no better at
+  n = 64.
+
 Run ``python -m benchmarks.core [--quick]``: prints the tables and writes ``core.json``,
 ``core.md`` and ``core.png`` into ``benchmarks/results/``.
 """
