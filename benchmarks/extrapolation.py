@@ -583,21 +583,25 @@ COLORS = {
 MARKERS = {"standard": "o", "log_n": "s", "entropy_fixed": "^", "entropy_learned": "D"}
 
 
+def _errorbar(ax, x, stats: list[dict], variant: str) -> None:
+  """One variant's ``_mean_std`` entries at ``x`` (mean, ± std bars) in its marker and colour."""
+  ax.errorbar(
+    x,
+    [e["mean"] for e in stats],
+    yerr=[e["std"] for e in stats],
+    fmt=MARKERS[variant] + "-",
+    color=COLORS[variant],
+    label=variant,
+    capsize=3,
+    ms=5,
+  )
+
+
 def _bucket_panel(ax, summary, cfg, variants, title):
   x = np.arange(len(cfg["buckets"]))
   width = 0.3 / len(variants)
   for i, v in enumerate(variants):
-    s = summary[v]["bucket_loss"]
-    ax.errorbar(
-      x + (i - (len(variants) - 1) / 2) * width,
-      [e["mean"] for e in s],
-      yerr=[e["std"] for e in s],
-      fmt=MARKERS[v] + "-",
-      color=COLORS[v],
-      label=v,
-      capsize=3,
-      ms=5,
-    )
+    _errorbar(ax, x + (i - (len(variants) - 1) / 2) * width, summary[v]["bucket_loss"], v)
   ax.axvspan(-0.5, 0.5, color="0.92", zorder=0, label=f"trained length ({cfg['train_length']})")
   ax.set_xticks(x, [f"[{a},{b})" for a, b in cfg["buckets"]])
   ax.set_xlim(-0.5, len(x) - 0.5)
@@ -623,17 +627,7 @@ def plot(result: dict, path: pathlib.Path) -> None:
   for layer in range(layers):
     ax = axes[1 + layer]
     for v in variants:
-      s = [per[layer] for per in summ[v]["length_entropy"]]
-      ax.errorbar(
-        lengths,
-        [e["mean"] for e in s],
-        yerr=[e["std"] for e in s],
-        fmt=MARKERS[v] + "-",
-        color=COLORS[v],
-        label=v,
-        capsize=3,
-        ms=5,
-      )
+      _errorbar(ax, lengths, [per[layer] for per in summ[v]["length_entropy"]], v)
     ax.set_xscale("log", base=2)
     ax.set_xticks(lengths, [str(n) for n in lengths])
     ax.axvline(cfg["train_length"], color="0.6", ls=":", lw=1)
