@@ -20,6 +20,9 @@ after :data:`BUDGET_S` seconds the remaining sizes and steps are skipped, and re
    [256, 32768] and [65536, 128]: forward, and the gradient of ``sum(w * f(x))``, of
    ``entropy_softmax`` (``"pallas"``, ``"xla"``) and ``jax.nn.softmax``, with the ratios.
    Target: the fused core's forward <= 1.5x softmax's;
+   ``kernel_registers``: the registers and spills of the timed Pallas kernels, read from
+   ``benchmarks/results/kernels.json`` (``python -m benchmarks.kernels``, made on a CPU with the
+   real Triton compiler) by matching each kernel's Triton IR, so a timing reads beside them;
 4. ``attention_accuracy``: the Pallas entropy-attention kernel against the dense reference
    (:func:`benchmarks.gpu_attention.check_accuracy`, ``check_bf16``);
 5. ``attention_timing``: a block-size sweep at 8k tokens, then entropy attention (Pallas) against
@@ -36,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import json
 import os
 import pathlib
 import subprocess
@@ -48,7 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import entnorm_jax as en
-from benchmarks import common, gpu_attention
+from benchmarks import common, gpu_attention, kernels
 from entnorm_jax._src import normalize, pallas_core
 
 # Remaining sizes and steps are skipped after this many seconds (the whole run stays under 8 min).
@@ -305,6 +309,41 @@ def _entropy_f32(q):
   return -jnp.sum(jnp.where(q > 0, q * jnp.log(jnp.where(q > 0, q, 1.0)), 0.0), -1)
 
 
+def kernel_registers(smoke: bool) -> dict:
+  """Registers and spills of the core kernels that ``core_timing`` runs (forward and gradient),
+  read from ``benchmarks/results/kernels.json`` (``python -m benchmarks.kernels``) by matching
+  their Triton IR; kernels the table lacks are listed as such."""
+  path = pathlib.Path(kernels.RESULTS) / "kernels.json"
+  table = json.loads(path.read_text())["gpu"] if path.exists() else []
+  out = {}
+  for shape in SMOKE_CORE_SHAPES if smoke else CORE_SHAPES:
+    x = jax.ShapeDtypeStruct(shape, jnp.float32)
+    w = jnp.zeros(shape, jnp.float32)
+    f = _core_fn("pallas")
+    out[f"{list(shape)} forward"] = kernels.lookup(f, (x,), table)
+    out[f"{list(shape)} gradient"] = kernels.lookup(jax.grad(lambda x: jnp.sum(w * f(x))), (x,), table)
+  return out
+
+
+def _registers_markdown(result: dict) -> list[str]:
+  rows = result.get("kernel_registers")
+  if not rows:
+    return []
+  lines = ["", "### Registers of the timed core kernels (benchmarks/results/kernels.json)", ""]
+  for label, found in rows.items():
+    for r in found:
+      if not r.get("in_table", True):
+        lines.append(f"- {label}: {r['kernel']} not in the table (rerun benchmarks.kernels)")
+      else:
+        lines.append(
+          f"- {label}: {r['kernel']} {r['arch']}: {r.get('registers')} registers, "
+          f"{kernels.spills(r)} B spilled, {r.get('num_warps')} warps"
+        )
+  if not any(rows.values()):
+    lines.append("- no Pallas kernel at these shapes (the XLA layout)")
+  return lines
+
+
 # ---------------------------------------------------------------------------------------------
 # 4-5. Attention (the steps of benchmarks.gpu_attention at this script's sizes)
 
@@ -430,6 +469,7 @@ def markdown(result: dict) -> str:
   if result["smoke"]:
     lines += ["", "Smoke run (toy sizes): the speed figures mean nothing."]
   lines += _core_markdown(result)
+  lines += _registers_markdown(result)
   attention = {**(result.get("attention_accuracy") or {}), **(result.get("attention_timing") or {})}
   if attention:
     blocks = attention.get("blocks")
@@ -480,6 +520,7 @@ def main(argv=None) -> dict:
     "device": device,
     "core_accuracy": lambda: core_accuracy(smoke),
     "core_timing": lambda: core_timing(smoke, deadline),
+    "kernel_registers": lambda: kernel_registers(smoke),
     "attention_accuracy": lambda: attention_accuracy(smoke, interpret),
     "attention_timing": lambda: attention_timing(smoke, interpret, deadline),
   }

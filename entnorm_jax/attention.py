@@ -38,12 +38,13 @@ from entnorm_jax._src.blockwise_attention import (
   compute_dtype,
 )
 from entnorm_jax._src.dense_attention import dense_attention
+from entnorm_jax._src import pallas_attention
 from entnorm_jax._src.pallas_attention import PALLAS, pallas_block_size
 
 __all__ = ["context_parallel_attention", "entropy_attention"]
 
 _IMPLEMENTATIONS = ("xla", "blockwise", "pallas")
-_DEFAULT_BLOCKS = {"blockwise": (256, 256), "pallas": (64, 64)}
+_BLOCKWISE_BLOCKS = (256, 256)
 
 
 def _check_qkv(q, k, v):
@@ -115,6 +116,17 @@ def _prepare(q, k, v, target_entropy, mask, scale, num_iters, q_lengths, kv_leng
   return q, k, v, target, q_ok, k_ok, mask, scale
 
 
+def _precision(precision) -> jax.lax.Precision | None:
+  """``None`` (JAX's default) or a ``jax.lax.Precision`` (from one, or a name such as
+  ``"highest"``)."""
+  if precision is None or isinstance(precision, jax.lax.Precision):
+    return precision
+  try:
+    return jax.lax.Precision(precision)
+  except (ValueError, TypeError) as e:
+    raise ValueError(f"precision must be None or a jax.lax.Precision, got {precision!r}") from e
+
+
 def _block_size(value, default: int, length: int, implementation: str, name: str) -> int:
   if value is not None and operator.index(value) <= 0:
     raise ValueError(f"{name} must be a positive int, got {value}")
@@ -135,6 +147,7 @@ def _block_size(value, default: int, length: int, implementation: str, name: str
     "block_k",
     "interpret",
     "num_iters",
+    "precision",
   ),
 )
 def entropy_attention(
@@ -154,6 +167,7 @@ def entropy_attention(
   num_iters: int | None = None,
   query_seq_lengths: ArrayLike | None = None,
   key_value_seq_lengths: ArrayLike | None = None,
+  precision: jax.lax.Precision | str | None = None,
 ) -> jax.Array:
   """Attention whose every row has a prescribed entropy.
 
@@ -182,13 +196,23 @@ def entropy_attention(
       ``jax.nn.dot_product_attention``).
     scale: score scale, default ``1/sqrt(dim)``.
     implementation: ``"xla"`` (dense reference), ``"blockwise"`` or ``"pallas"``.
-    block_q: query block size (blockwise default 256, Pallas 64); lengths need not divide it.
-    block_k: key block size (blockwise default 256, Pallas 64).
-    interpret: run the Pallas kernels in interpret mode (default: when the backend is the CPU).
+    block_q: query block size; lengths need not divide it. Blockwise default 256; the Pallas
+      default is chosen per dtype, head dim and precision from the kernels' measured registers
+      (the largest blocks that compile without spilling: see the README's kernel table).
+    block_k: key block size (defaults as ``block_q``).
+    interpret: run the Pallas kernels in interpret mode; ``None`` (default) interprets them when
+      the computation is lowered for a CPU and compiles them (Triton) when lowered for a GPU.
     num_iters: ``None`` (default) iterates until every row is on target; an int k runs exactly k
       Halley-type steps (static).
     query_seq_lengths: optional ``[batch]`` ints; query rows at or beyond it output zeros.
     key_value_seq_lengths: optional ``[batch]`` ints; keys at or beyond it are masked.
+    precision: of the score and output matmuls (static). ``None`` follows JAX's default matmul
+      precision, as ``jax.nn.dot_product_attention`` and XLA do: on NVIDIA GPUs float32 products
+      run on TF32 tensor cores (10-bit mantissas: scores carry a relative error of about 1e-3,
+      so outputs differ from float64 by ~1e-3 instead of ~1e-6), on CPUs they are full float32.
+      ``jax.lax.Precision.HIGHEST`` (or ``"highest"``) asks for full float32 products; the
+      Pallas kernels then use IEEE float32 ``dot``\ s, without tensor cores (see the README's
+      kernel table for which configurations fit in registers).
 
   Returns:
     ``[batch, q_len, heads, dim]`` in the dtype of ``q``. Rows with no valid key are zeros.
@@ -213,14 +237,16 @@ def entropy_attention(
     q, k, v, target_entropy, mask, scale, num_iters, query_seq_lengths, key_value_seq_lengths
   )
   q_len, kv_len = q.shape[1], k.shape[1]
+  precision = _precision(precision)
   if implementation == "xla":
     return dense_attention(
         q, k, v, target, q_ok, k_ok, mask,
         is_causal=is_causal, scale=scale, relative=relative, num_iters=num_iters,
+        precision=precision,
     )  # fmt: skip
-  default_q, default_k = _DEFAULT_BLOCKS[implementation]
-  if interpret is None:
-    interpret = jax.default_backend() == "cpu"
+  default_q, default_k, warps, stages = _BLOCKWISE_BLOCKS + (4, 2)
+  if implementation == "pallas":
+    default_q, default_k, warps, stages = pallas_attention.gpu_shape(q.dtype, q.shape[3], precision)
   cfg = Config(
     is_causal=is_causal,
     scale=scale,
@@ -228,7 +254,10 @@ def entropy_attention(
     num_iters=num_iters,
     block_q=_block_size(block_q, default_q, q_len, implementation, "block_q"),
     block_k=_block_size(block_k, default_k, kv_len, implementation, "block_k"),
-    interpret=bool(interpret),
+    interpret=None if interpret is None else bool(interpret),
+    precision=precision,
+    num_warps=warps,
+    num_stages=stages,
   )
   engine = BLOCKWISE if implementation == "blockwise" else PALLAS
   return attention_vjp(engine, cfg, q, k, v, target, q_ok, k_ok, mask)
@@ -285,6 +314,7 @@ def _sharded_engine(mesh: Mesh, axis_name: str, mask_sharded: bool | None) -> En
     "block_q",
     "block_k",
     "num_iters",
+    "precision",
   ),
 )
 def context_parallel_attention(
@@ -304,6 +334,7 @@ def context_parallel_attention(
   num_iters: int | None = None,
   query_seq_lengths: ArrayLike | None = None,
   key_value_seq_lengths: ArrayLike | None = None,
+  precision: jax.lax.Precision | str | None = None,
 ) -> jax.Array:
   """:func:`entropy_attention` (blockwise) with the keys and values split along the sequence.
 
@@ -324,8 +355,8 @@ def context_parallel_attention(
 
   Args:
     q, k, v, target_entropy, relative, mask, is_causal, scale, block_q, block_k, num_iters,
-      query_seq_lengths, key_value_seq_lengths: as in :func:`entropy_attention` (``block_k``
-      applies to each device's share of the keys).
+      query_seq_lengths, key_value_seq_lengths, precision: as in :func:`entropy_attention`
+      (``block_k`` applies to each device's share of the keys).
     mesh: a ``jax.sharding.Mesh`` holding ``axis_name``.
     axis_name: the mesh axis to split the sequence of keys and values over; ``kv_len`` must be a
       multiple of its size.
@@ -346,7 +377,7 @@ def context_parallel_attention(
   shards = mesh.shape[axis_name]
   if kv_len % shards:
     raise ValueError(f"kv_len {kv_len} is not a multiple of the {shards} devices of {axis_name!r}")
-  default_q, default_k = _DEFAULT_BLOCKS["blockwise"]
+  default_q, default_k = _BLOCKWISE_BLOCKS
   cfg = Config(
     is_causal=is_causal,
     scale=scale,
@@ -355,6 +386,7 @@ def context_parallel_attention(
     block_q=_block_size(block_q, default_q, q_len, "blockwise", "block_q"),
     block_k=_block_size(block_k, default_k, kv_len // shards, "blockwise", "block_k"),
     axis_name=axis_name,
+    precision=_precision(precision),
   )
   mask_sharded = None if mask is None else mask.shape[3] > 1
   engine = _sharded_engine(mesh, axis_name, mask_sharded)

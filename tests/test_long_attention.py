@@ -171,7 +171,8 @@ def test_bfloat16_inputs(rng):
 
 def test_pallas_kernels_lower_to_triton():
   """The kernels compile for GPUs, not just interpret: lowering for CUDA runs on any machine and
-  goes through Pallas' Triton lowering of every primitive in the five kernels."""
+  goes through Pallas' Triton lowering of every primitive in the five kernels. By default
+  (``interpret=None``) the choice is the lowering platform's, so this CPU exports compiled kernels."""
   from jax import export
 
   q = jax.ShapeDtypeStruct((1, 100, 4, 32), jnp.bfloat16)
@@ -181,7 +182,7 @@ def test_pallas_kernels_lower_to_triton():
   def loss(q, k, v, mask):
     out = ena.entropy_attention(
       q, k, v, target_entropy=0.5, mask=mask, is_causal=True, implementation="pallas",
-      interpret=False, query_seq_lengths=jnp.array([90]),
+      query_seq_lengths=jnp.array([90]),
     )  # fmt: skip
     return jnp.sum(out.astype(jnp.float32))
 

@@ -3,18 +3,27 @@ it gives the ``"xla"`` layout's outputs and gradients, and it lowers to a Triton
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import export
 from jax.experimental import pallas as pl
+from jax.sharding import AbstractDevice, AbstractMesh
 
 import entnorm_jax as en
-from entnorm_jax._src import pallas_core
+from entnorm_jax._src import normalize, pallas_core
 
 _N = 100  # not a power of two: padded to 128 inside the kernel
 _BLOCK = 512  # entries per program in these tests: 4 rows of 128, so 23 rows make 6 blocks
+
+
+def _small_blocks(patch: pytest.MonkeyPatch):
+  """GPU-layout blocks of :data:`_BLOCK` entries (the interpreter runs that layout on CPUs)."""
+  small = pallas_core.GpuConfig(_BLOCK, pallas_core.gpu_config(128).num_warps)
+  patch.setitem(pallas_core.GPU_CONFIGS, 128, small)
 
 
 def _battery(rng):
@@ -73,7 +82,7 @@ def results():
   fraction[7], fraction[8] = 0.0, 1.0
   out = {"weights": weights}
   with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(pallas_core, "BLOCK_ELEMENTS", _BLOCK)
+    _small_blocks(patch)
     for impl in ("pallas", "xla"):
       run = _outputs(impl)
       for relative, t in ((False, target), (True, fraction)):
@@ -115,7 +124,7 @@ def test_float64_matches_xla(x64):
   weights = np.random.default_rng(9).normal(size=x.shape)
   relative = jnp.asarray(False)
   with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(pallas_core, "BLOCK_ELEMENTS", _BLOCK)
+    _small_blocks(patch)
     run = lambda impl: _outputs(impl, bfloat16=False)(x, where, target, relative, weights)
     got, want = run("pallas"), run("xla")
   assert got[0].dtype == jnp.float64
@@ -127,8 +136,37 @@ def test_block_rows():
   for rows, n_pad in ((1, 1), (5, 128), (1000, 128), (3, 2**14), (10**6, 2)):
     t = pallas_core.block_rows(rows, n_pad)
     assert t >= 1 and t & (t - 1) == 0
-    assert t * n_pad <= max(pallas_core.BLOCK_ELEMENTS, n_pad)
+    assert t * n_pad <= max(pallas_core.gpu_config(n_pad).elements, n_pad)
     assert t <= pl.next_power_of_2(rows)
+
+
+def test_tpu_block_rows():
+  """TPU blocks are whole (8, 128) tiles: a multiple of 8 rows, at most TPU_MAX_ROWS."""
+  for rows, n_pad in ((1, 128), (5, 128), (1000, 128), (3, 2**14), (10**6, 1024), (37, 384)):
+    t = pallas_core.tpu_block_rows(rows, n_pad)
+    assert t % 8 == 0 and 8 <= t <= pallas_core.TPU_MAX_ROWS
+    assert t * n_pad <= max(pallas_core.TPU_BLOCK_ELEMENTS, 8 * n_pad)
+    assert t <= -(-rows // 8) * 8
+
+
+@pytest.mark.parametrize("relative", [False, True])
+def test_tpu_layout_matches_xla(relative):
+  """The kernel's TPU layout (8-row blocks here, rows padded to 128, per-row values as [rows, 1]
+  columns), interpreted, gives the ``"xla"`` layout's solution."""
+  x, where, target = _battery(np.random.default_rng(10))
+  if relative:
+    target = np.clip(target / np.log(_N), 0.0, 1.0).astype(np.float32)
+  block = functools.partial(normalize._solve_block, num_iters=None)
+  args = (x, where, target, jnp.asarray(relative))
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(pallas_core, "TPU_MAX_ROWS", 8)
+    tpu = functools.partial(pallas_core.solve_rows, block, interpret=True, tpu=True)
+    assert "grid=(3,)" in str(jax.make_jaxpr(tpu)(*args))  # 23 rows in blocks of 8
+    got = jax.device_get(jax.jit(tpu)(*args))
+  want = jax.device_get(jax.jit(block)(*args))
+  for a, b in zip(got, want, strict=True):
+    assert a.shape == b.shape and a.dtype == b.dtype
+    np.testing.assert_allclose(a, b, atol=2e-6, rtol=1e-5)
 
 
 def test_long_rows_use_xla_layout():
@@ -169,9 +207,21 @@ def test_lowers_to_triton_for_cuda(implementation):
   assert "__gpu$xla.gpu.triton" in text
 
 
-def test_tpu_uses_xla_layout():
-  """On TPUs a forced ``"pallas"`` lowers to the ``"xla"`` layout: the solve has no Mosaic lowering
-  (``erfc``), and Mosaic's lowering cannot even be tried without a TPU (it queries the chip)."""
-  x = jax.ShapeDtypeStruct((8, _N), jnp.float32)
-  text = _export(lambda x: en.entropy_softmax(x, 1.0, implementation="pallas"), "tpu", x)
-  assert "entropy_softmax_rows" not in text and "tpu_custom_call" not in text
+@pytest.mark.parametrize("implementation", ["pallas", None])
+def test_lowers_for_tpu(implementation):
+  """On TPUs the default is the ``"xla"`` layout (no kernel) and a forced ``"pallas"`` is one
+  Mosaic kernel, forward and backward. Pallas' Mosaic lowering asks the device kind for the
+  chip's registers: an abstract mesh of a TPU v5e supplies it on a machine without one (compiling
+  the kernel needs libtpu: ``benchmarks/kernels_tpu.py``)."""
+
+  def loss(x, target):
+    out = en.entropy_softmax(x, target, implementation=implementation)
+    return jnp.sum(out * jnp.arange(x.shape[-1]))
+
+  args = (jax.ShapeDtypeStruct((37, _N), jnp.float32), jax.ShapeDtypeStruct((37,), jnp.float32))
+  device = AbstractDevice(device_kind="TPU v5 lite", num_cores=1, platform="tpu")
+  with jax.sharding.use_abstract_mesh(AbstractMesh((1,), ("x",), abstract_device=device)):
+    text = _export(jax.grad(loss, argnums=(0, 1)), "tpu", *args)
+  kernel = implementation == "pallas"
+  assert ("tpu_custom_call" in text) == kernel
+  assert ('name = "entropy_softmax_rows"' in text) == kernel

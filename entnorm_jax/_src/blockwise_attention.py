@@ -49,10 +49,16 @@ class Config(NamedTuple):
   num_iters: int | None  # None: adaptive
   block_q: int
   block_k: int
-  interpret: bool = False
+  interpret: bool | None = None  # Pallas: None interprets on CPUs only (decided at lowering)
   # Context parallelism: the name of the mesh axis the keys and values are sharded over (along the
   # sequence), inside ``shard_map``; per-row sums are combined over it. None: one device.
   axis_name: str | None = None
+  # Of the score and output matmuls: None is JAX's default (on GPUs, float32 products on TF32
+  # tensor cores; on CPUs, full float32), ``Precision.HIGHEST`` full float32 everywhere.
+  precision: jax.lax.Precision | None = None
+  # Of the Pallas kernels' Triton programs (see pallas_attention.GPU_SHAPES).
+  num_warps: int = 4
+  num_stages: int = 2
 
 
 class Rows(NamedTuple):
@@ -80,11 +86,6 @@ class Rows(NamedTuple):
 def compute_dtype(dtype) -> np.dtype:
   """float32 statistics for 16-bit and float32 inputs, float64 for float64."""
   return np.dtype(jnp.promote_types(dtype, jnp.float32))
-
-
-def precision_for(dtype):
-  """Full-precision matmuls for float32/float64 (no TF32 on GPUs); default for 16-bit inputs."""
-  return jax.lax.Precision.HIGHEST if np.dtype(dtype).itemsize >= 4 else None
 
 
 def block_valid(q_pos, k_pos, q_ok, k_ok, mask, is_causal: bool) -> jax.Array:
@@ -428,7 +429,7 @@ def _query_block(cfg: Config, x: _Padded, start, k_offset=0):
   mask = x.mask
   if mask is not None and mask.shape[3] > 1:
     mask = jax.lax.dynamic_slice_in_dim(mask, start, bq, axis=3)
-  prec = precision_for(x.q.dtype)
+  prec = cfg.precision
 
   def scores(j):
     k_start = j * bk
@@ -465,7 +466,7 @@ def _blockwise_forward(cfg: Config, q, k, v, target, q_ok, k_ok, mask):
   target = pad_axis(jnp.asarray(target, dtype), 2, n_q * cfg.block_q)
   target = target.reshape(batch, kv_heads, groups, -1)
   row_shape = (batch, kv_heads, groups, cfg.block_q)
-  prec = precision_for(dtype)
+  prec = cfg.precision
   offset = key_offset(cfg, k.shape[1])
 
   def one_block(i):
@@ -518,7 +519,7 @@ def _blockwise_backward(cfg: Config, q, k, v, q_ok, k_ok, mask, rows: Rows, coef
   n_q, n_k = x.q.shape[1] // cfg.block_q, x.k.shape[1] // cfg.block_k
   tq, bq, bk = n_q * cfg.block_q, cfg.block_q, cfg.block_k
   dtype = x.q.dtype
-  prec = precision_for(dtype)
+  prec = cfg.precision
   d_out = pad_axis(d_out.astype(dtype), 1, tq).reshape(x.q.shape)
   inv_denom = jnp.where(rows.denom > 0, 1.0 / jnp.where(rows.denom > 0, rows.denom, 1.0), 0.0)
   per_row = (rows.zmax, rows.gamma, inv_denom, rows.mean, coef, delta)

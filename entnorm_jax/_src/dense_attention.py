@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from entnorm_jax._src.blockwise_attention import block_valid, compute_dtype, precision_for
+from entnorm_jax._src.blockwise_attention import block_valid, compute_dtype
 from entnorm_jax._src.functions import entropy_softmax
 
 
@@ -27,6 +27,7 @@ def dense_attention(
   scale: float,
   relative: bool,
   num_iters: int,
+  precision: jax.lax.Precision | None = None,
 ) -> jax.Array:
   """Dense entropy-normalized attention on checked inputs (see ``entnorm_jax.attention``).
 
@@ -35,7 +36,7 @@ def dense_attention(
     target: ``[batch, heads, q_len]`` targets (nats, or fractions of log n with ``relative``).
     q_ok: ``[batch, q_len]`` valid query rows; k_ok: ``[batch, kv_len]`` valid keys.
     mask: ``None`` or a boolean ``[batch|1, heads|1, q_len|1, kv_len|1]``.
-    is_causal, scale, relative, num_iters: as in ``entropy_attention``.
+    is_causal, scale, relative, num_iters, precision: as in ``entropy_attention``.
 
   Returns:
     ``[batch, q_len, heads, dim]`` in the dtype of ``q``.
@@ -44,7 +45,7 @@ def dense_attention(
   kv_len, kv_heads = k.shape[1], k.shape[2]
   groups = heads // kv_heads
   dtype = compute_dtype(q.dtype)
-  prec = precision_for(dtype)
+  prec = precision
   qg = q.astype(dtype).reshape(batch, q_len, kv_heads, groups, dim)
   s = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k.astype(dtype), precision=prec) * scale
   s = s.reshape(batch, heads, q_len, kv_len)

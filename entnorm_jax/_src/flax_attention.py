@@ -294,7 +294,9 @@ def entropy_attention_weights(
   return weights
 
 
-def _kernel_attention(query, key, value, mask, is_causal, target, relative, num_iters, impl):
+def _kernel_attention(
+  query, key, value, mask, is_causal, target, relative, num_iters, impl, precision
+):
   """Calls :func:`entnorm_jax.attention.entropy_attention` (one batch axis) on Flax's layout."""
   from entnorm_jax.attention import entropy_attention
 
@@ -314,6 +316,7 @@ def _kernel_attention(query, key, value, mask, is_causal, target, relative, num_
     is_causal=is_causal,
     implementation=impl,
     num_iters=num_iters,
+    precision=precision,
   )
   return out.reshape(*batch, q_len, heads, value.shape[-1])
 
@@ -419,7 +422,7 @@ def entropy_dot_product_attention(
       raise ValueError(f"implementation={implementation!r} does not support {', '.join(used)}")
     target = attention_target(target_entropy, query.shape[-2])
     return _kernel_attention(
-      query, key, value, mask, is_causal, target, relative, num_iters, implementation
+      query, key, value, mask, is_causal, target, relative, num_iters, implementation, precision
     )
   weights = entropy_attention_weights(
     query,

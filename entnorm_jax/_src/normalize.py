@@ -10,8 +10,10 @@ Layouts (``implementation``):
   row is on target;
 * ``"pallas"`` (the CUDA default): one fused Pallas kernel whose programs each load a block of rows
   once and run the whole solve on it (:mod:`entnorm_jax._src.pallas_core`); compiled by Triton on
-  CUDA and ROCm, interpreted on CPUs, the ``"xla"`` layout on TPUs and for rows longer than
-  :data:`entnorm_jax._src.pallas_core.MAX_LENGTH`.
+  CUDA and ROCm, by Mosaic on TPUs, interpreted on CPUs, and the ``"xla"`` layout for rows longer
+  than :data:`entnorm_jax._src.pallas_core.MAX_LENGTH`. On TPUs it runs only when asked for: the
+  Mosaic kernel compiles, but it has not been timed on a TPU against the ``"xla"`` layout, whose
+  passes XLA already fuses, so the default there stays ``"xla"``.
 
 All run the same per-block solve (:func:`entnorm_jax._src.solver.solve`) and give the same
 answers. The output is ``e / S_0`` from the solve's last evaluation: no extra exponential.
@@ -96,9 +98,13 @@ def _solve_block(x, where, target, relative, num_iters) -> Solution:
 
     def run(full: bool):
       mom, e, s0 = evaluate(rows, gamma, stats.n_ties, full=full)
-      return mom, jnp.full(gamma.shape, full), (e, s0)
+      return mom, (e, s0)
 
-    return jax.lax.cond(any_of(mode == FULL), lambda: run(True), lambda: run(False))
+    # ``full`` is broadcast outside the cond: Mosaic cannot select between the boolean vectors that
+    # a cond returning a constant per branch becomes.
+    full = any_of(mode == FULL)
+    mom, aux = jax.lax.cond(full, lambda: run(True), lambda: run(False))
+    return mom, jnp.broadcast_to(full, gamma.shape), aux
 
   first = start(stats, bounds, nats)
   gamma, _, (e, s0) = solve(
@@ -148,9 +154,11 @@ def _tiled(block, x, where, target, relative) -> Solution:
   return jax.lax.fori_loop(0, -(-rows // t), body, Solution(x, per_row, per_row))
 
 
-def _pallas(block, x, where, target, relative, *, interpret: bool) -> Solution:
-  """``block`` run by the fused kernel of :mod:`entnorm_jax._src.pallas_core`."""
-  return Solution(*pallas_core.solve_rows(block, x, where, target, relative, interpret=interpret))
+def _pallas(block, x, where, target, relative, *, interpret: bool, tpu: bool = False) -> Solution:
+  """``block`` run by the fused kernel of :mod:`entnorm_jax._src.pallas_core` (laid out for TPUs
+  and compiled by Mosaic with ``tpu``, else for GPUs and compiled by Triton)."""
+  solution = pallas_core.solve_rows(block, x, where, target, relative, interpret=interpret, tpu=tpu)
+  return Solution(*solution)
 
 
 def _layout(x, where, target, relative, cfg: Config) -> Solution:
@@ -167,8 +175,9 @@ def _layout(x, where, target, relative, cfg: Config) -> Solution:
   args = (x, where, target, relative)
   if cfg.implementation == "pallas":
     interpreted = functools.partial(_pallas, block, interpret=True)
+    mosaic = functools.partial(_pallas, block, interpret=False, tpu=True)
     return jax.lax.platform_dependent(
-      *args, cpu=interpreted, cuda=compiled, rocm=compiled, default=block
+      *args, cpu=interpreted, cuda=compiled, rocm=compiled, tpu=mosaic, default=block
     )
   return jax.lax.platform_dependent(*args, cpu=tiled, cuda=compiled, default=block)
 

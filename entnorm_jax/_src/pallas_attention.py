@@ -19,6 +19,7 @@ padded to a power of two); ``interpret=True`` runs the same kernels on any backe
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -42,7 +43,6 @@ from entnorm_jax._src.blockwise_attention import (
   out_init,
   out_update,
   pad_axis,
-  precision_for,
   solve_rows,
   stats_finalize,
   stats_init,
@@ -51,6 +51,29 @@ from entnorm_jax._src.blockwise_attention import (
 from entnorm_jax._src.moments import RowStats
 
 _MIN_BLOCK = 16  # the smallest tile Triton's dot accepts
+
+
+class KernelShape(NamedTuple):
+  """Default blocks of the Pallas kernels and the Triton program's warps and pipeline stages."""
+
+  block_q: int
+  block_k: int
+  num_warps: int
+  num_stages: int
+
+
+# (bytes per input entry, full float32 products, padded head dim) -> the kernels' shape, chosen
+# by the registers and spills that ``python -m benchmarks.kernels --sweep-attention`` measures
+# (``benchmarks/results/kernels_sweep.md``): the largest blocks whose five kernels (stats,
+# moments, output, dq, dkv) all compile without spilling for sm_80 and sm_90. Filled below.
+GPU_SHAPES: dict[tuple[int, bool, int], KernelShape] = {(b, h, d): KernelShape(64, 64, 4, 2) for b in (2, 4, 8) for h in (False, True) for d in (16, 32, 64, 128, 256, 512)}
+
+
+def gpu_shape(dtype, dim: int, precision) -> KernelShape:
+  """The :data:`GPU_SHAPES` entry for inputs of ``dtype``, head dim ``dim`` and ``precision``."""
+  highest = precision == jax.lax.Precision.HIGHEST and jnp.dtype(dtype).itemsize >= 4
+  key = (min(jnp.dtype(dtype).itemsize, 4), highest, max(_MIN_BLOCK, pl.next_power_of_2(dim)))
+  return GPU_SHAPES[key]
 
 
 def pallas_block_size(size: int, length: int, name: str) -> int:
@@ -110,18 +133,31 @@ class _Layout:
     return [jax.ShapeDtypeStruct(self.grid_q[:2] + (self.tq,), self.dtype)] * n
 
   def call(self, kernel, grid, in_specs, out_specs, out_shape, *args):
-    params = None  # interpreted, or Mosaic on TPUs; Triton otherwise (also when lowering for a GPU)
-    if not self.cfg.interpret and jax.default_backend() != "tpu":
-      params = plgpu.CompilerParams(num_warps=4, num_stages=2)
-    return pl.pallas_call(
-      kernel,
-      grid=grid,
-      in_specs=in_specs,
-      out_specs=out_specs,
-      out_shape=out_shape,
-      interpret=self.cfg.interpret,
-      compiler_params=params,
-    )(*args)
+    """The kernel as a ``pallas_call``: compiled by Triton (with the configured warps and stages)
+    when lowered for CUDA or ROCm, interpreted when asked (``cfg.interpret``) or, by default, on
+    CPUs. The choice is made per platform when the computation is lowered, so that exporting for
+    a GPU from a CPU gets the compiled kernels."""
+
+    def build(interpret: bool, params):
+      call = pl.pallas_call(
+        kernel,
+        grid=grid,
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        interpret=interpret,
+        compiler_params=params,
+      )
+      return lambda *a: call(*a)
+
+    if self.cfg.interpret:
+      return build(True, None)(*args)
+    params = plgpu.CompilerParams(num_warps=self.cfg.num_warps, num_stages=self.cfg.num_stages)
+    triton = build(False, params)
+    branches = dict(cuda=triton, rocm=triton, default=build(False, None))
+    if self.cfg.interpret is None:
+      branches["cpu"] = build(True, None)
+    return jax.lax.platform_dependent(*args, **branches)
 
 
 def _mm(a, b, contract, like, prec):
@@ -138,7 +174,7 @@ def _key_scores(cfg: Config, q, k_ref, k_ok_ref, mask_ref, q_ok, q_pos, j, dtype
   bk = cfg.block_k
   sl = pl.ds(j * bk, bk)
   k = k_ref[sl, :]
-  s = _mm(q, k, (1, 1), q, precision_for(q.dtype)).astype(dtype) * cfg.scale
+  s = _mm(q, k, (1, 1), q, cfg.precision).astype(dtype) * cfg.scale
   mask = None
   if mask_ref is not None:
     mask = (mask_ref[:, sl] if mask_ref.shape[1] > 1 else mask_ref[...]) != 0
@@ -192,7 +228,7 @@ def _output_kernel(cfg, n_k, dtype, has_mask, *refs):
   q_ref, k_ref, v_ref, q_ok_ref, k_ok_ref, zmax_ref, gamma_ref, center_ref = ins
   q, q_ok, q_pos, start = _query_tile(cfg, q_ref, q_ok_ref)
   zmax, gamma, center = zmax_ref[...], gamma_ref[...], center_ref[...]
-  prec = precision_for(v_ref.dtype)
+  prec = cfg.precision
 
   def body(j, acc):
     s, valid, sl = _key_scores(cfg, q, k_ref, k_ok_ref, mask_ref, q_ok, q_pos, j, dtype)
@@ -265,7 +301,7 @@ def _dq_kernel(cfg, n_k, dtype, has_mask, *refs):
   q, q_ok, q_pos, start = _query_tile(cfg, q_ref, q_ok_ref)
   do = do_ref[...]
   row = [r[...] for r in row_refs]
-  prec = precision_for(q.dtype)
+  prec = cfg.precision
 
   def body(j, dq):
     s, valid, sl = _key_scores(cfg, q, k_ref, k_ok_ref, mask_ref, q_ok, q_pos, j, dtype)
@@ -284,7 +320,7 @@ def _dkv_kernel(cfg, n_q, dtype, has_mask, *refs):
   k_start = pl.program_id(2) * bk
   k, v, k_ok = k_ref[...], v_ref[...], k_ok_ref[...] != 0
   k_pos = k_start + jnp.arange(bk)
-  prec = precision_for(k.dtype)
+  prec = cfg.precision
 
   def body(i, carry):
     dk, dv = carry

@@ -7,61 +7,103 @@ probabilities, γ and the target scale once. Every pass of every iteration then 
 from registers or shared memory instead of global memory, and each block stops as soon as its own
 rows are on target.
 
-Shapes are powers of two, as Triton needs: the row length is padded to ``n_pad =
-next_power_of_2(n)`` and the rows to a multiple of ``block_rows``; padding (and the ``where``
-mask, folded into the logits beforehand) is ``-inf``, which the solve treats as masked, so padded
-entries get probability 0 and padded rows are empty rows, fixed before the first step and sliced
-off. A block holds about :data:`BLOCK_ELEMENTS` entries (at least one row); rows longer than
-:data:`MAX_LENGTH` do not fit a program and are solved by the ``"xla"`` layout instead.
+For GPUs shapes are powers of two, as Triton needs: the row length is padded to ``n_pad =
+next_power_of_2(n)`` and the rows to a multiple of :func:`block_rows`. For TPUs blocks are whole
+(8, 128) register tiles, as Mosaic needs: the row length is padded to a multiple of 128, the rows
+to a multiple of :func:`tpu_block_rows` (itself a multiple of 8), and per-row values travel as
+``[rows, 1]`` columns. Padding (and the ``where`` mask, folded into the logits beforehand) is
+``-inf``, which the solve treats as masked, so padded entries get probability 0 and padded rows are
+empty rows, fixed before the first step and sliced off. Rows longer than :data:`MAX_LENGTH` do not
+fit a program and are solved by the ``"xla"`` layout instead.
 
-Where it runs (decided when the computation is lowered, so that exporting for a GPU from a CPU
-works): compiled by Triton for CUDA and ROCm; interpreted (``interpret=True``) on CPUs, where
-there is no Pallas compiler, so that tests run the same kernel.
+Where it runs (decided when the computation is lowered, so that exporting for a GPU or TPU from a
+CPU works): compiled by Triton for CUDA and ROCm (the default there); compiled by Mosaic for TPUs
+only when ``implementation="pallas"`` is forced, since the default on TPUs stays the ``"xla"``
+layout until the kernel is measured faster on a real TPU (XLA already fuses each pass there, and
+the kernel is only known to compile); interpreted (``interpret=True``) on CPUs, where there is no
+Pallas compiler, so that tests run the same kernel, in either layout.
+
+What Mosaic needs of the solve, kept neutral for the other layouts: no selects between boolean
+vectors (the solver's per-row flags are int32, and a ``cond`` returns no constant boolean), and no
+rank-1 blocks.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
-# Entries of a program's block (float32: 32 KiB). The solve keeps about four block-sized arrays
-# alive (the shifted logits twice, the weights, a sum's terms), which should stay in registers:
-# 8K entries over 16 warps is 16 values per thread and array. A guess, not measured.
-BLOCK_ELEMENTS = 2**13
+class GpuConfig(NamedTuple):
+  """A Triton program's shape: about ``elements`` entries (at least one row) over ``num_warps``."""
 
-# The longest (padded) row a program holds; longer rows use the "xla" layout. At 16K float32
-# entries (32 values per thread and array over 16 warps) four block-sized arrays already fill an
-# SM's 256 KiB of registers; longer rows would spill to memory.
+  elements: int
+  num_warps: int
+
+
+# Padded row length -> the block each Triton program solves, chosen by the registers and spills
+# that ``python -m benchmarks.kernels --sweep-core`` measures (``benchmarks/results/
+# kernels_sweep.md``): the whole solve keeps about a dozen block-sized values per entry alive, and
+# a thread holds at most 255 registers (128 at 16 warps), so a spill-free block holds few entries
+# per thread. Filled in below from the sweep.
+GPU_CONFIGS: dict[int, GpuConfig] = {2**k: GpuConfig(max(2**13, 2**k), 16) for k in range(15)}
+
+# The longest (padded) row a program holds; longer rows use the "xla" layout.
 MAX_LENGTH = 2**14
 
 Block = Callable[..., tuple[jax.Array, jax.Array, jax.Array]]
 
 
+def gpu_config(n_pad: int) -> GpuConfig:
+  """The :data:`GPU_CONFIGS` entry for rows of padded length ``n_pad`` (<= :data:`MAX_LENGTH`)."""
+  return GPU_CONFIGS[n_pad]
+
+
 def block_rows(rows: int, n_pad: int) -> int:
-  """Rows per program: a power of two, about ``BLOCK_ELEMENTS / n_pad``, at most the rows there
-  are (rounded up to a power of two), and at least 1."""
-  return max(1, min(BLOCK_ELEMENTS // n_pad, pl.next_power_of_2(rows)))
+  """Rows per Triton program: a power of two, about ``gpu_config(n_pad).elements / n_pad``, at
+  most the rows there are (rounded up to a power of two), and at least 1."""
+  return max(1, min(gpu_config(n_pad).elements // n_pad, pl.next_power_of_2(rows)))
 
 
-def _num_warps(elements: int) -> int:
-  """Triton warps for a block: 4 up to 2K entries, doubling up to 16 (as Triton's softmax)."""
-  return int(min(16, max(4, elements // 512)))
+# TPU (Mosaic) blocks: the last two dimensions of a block must be multiples of (8, 128), the
+# sublanes and lanes of a vector register, or the whole array's. Rows are taken 8 at a time or more
+# and padded to a multiple of 128 (not a power of two: a block is a whole number of registers
+# either way), and per-row values travel as ``[rows, 1]`` columns. A program's block lives in VMEM
+# (16 MiB or more), not in registers, so it may be larger than on GPUs: 2^16 float32 entries are
+# 256 KiB per block-sized array. But the solve's per-row values (a few dozen) are held as columns
+# that take a register per 8 rows, as much VMEM as a block of 128 entries a row: 512 rows of 128
+# ran out of v5e's 16 MiB of scoped VMEM, so a block holds at most TPU_MAX_ROWS rows. Guesses,
+# not measured on a TPU.
+TPU_BLOCK_ELEMENTS = 2**16
+TPU_MAX_ROWS = 128
+_SUBLANES, _LANES = 8, 128
+
+
+def tpu_block_rows(rows: int, n_pad: int) -> int:
+  """Rows per TPU program: a multiple of 8, about ``TPU_BLOCK_ELEMENTS / n_pad`` and at most
+  ``TPU_MAX_ROWS``, at most the rows there are (rounded up to a multiple of 8)."""
+  fits = max(_SUBLANES, min(TPU_BLOCK_ELEMENTS // n_pad, TPU_MAX_ROWS) // _SUBLANES * _SUBLANES)
+  return min(fits, -(-rows // _SUBLANES) * _SUBLANES)
 
 
 def _kernel(block: Block, x_ref, target_ref, relative_ref, probs_ref, gamma_ref, scale_ref):
-  """One block of rows: load, solve, store."""
-  probs, gamma, scale = block(x_ref[...], None, target_ref[...], relative_ref[...] != 0)
+  """One block of rows: load, solve, store. Per-row values come as ``[t]`` (GPU) or ``[t, 1]``
+  (TPU) blocks; the solve sees ``[t]``."""
+  per_row = target_ref.shape
+  load = lambda ref: ref[...].reshape(-1)
+  probs, gamma, scale = block(x_ref[...], None, load(target_ref), load(relative_ref) != 0)
   probs_ref[...] = probs
-  gamma_ref[...] = gamma
-  scale_ref[...] = scale
+  gamma_ref[...] = gamma.reshape(per_row)
+  scale_ref[...] = scale.reshape(per_row)
 
 
-def solve_rows(block: Block, x, where, target, relative, *, interpret: bool):
+def solve_rows(block: Block, x, where, target, relative, *, interpret: bool, tpu: bool = False):
   """Solves ``[rows, n]`` with ``block`` run inside one Pallas program per block of rows.
 
   Args:
@@ -71,17 +113,17 @@ def solve_rows(block: Block, x, where, target, relative, *, interpret: bool):
     where: ``None`` or a boolean mask ``[rows, n]``.
     target: ``[rows]`` targets.
     relative: boolean scalar (may be traced).
-    interpret: run the kernel in Pallas' interpreter (any backend) instead of compiling it with
-      Triton.
+    interpret: run the kernel in Pallas' interpreter (any backend) instead of compiling it.
+    tpu: lay the blocks out for TPUs and compile with Mosaic (else for GPUs, with Triton).
 
   Returns:
     ``(probs [rows, n], gamma [rows], target_scale [rows])``, as ``block`` computes them.
   """
   rows, n = x.shape
-  n_pad = pl.next_power_of_2(n)
+  n_pad = -(-n // _LANES) * _LANES if tpu else pl.next_power_of_2(n)
   if n_pad > MAX_LENGTH:
     return block(x, where, target, relative)
-  t = block_rows(rows, n_pad)
+  t = tpu_block_rows(rows, n_pad) if tpu else block_rows(rows, n_pad)
   rows_pad = -(-rows // t) * t
   if where is not None:
     x = jnp.where(where, x, -jnp.inf)  # the solve masks -inf exactly as it masks where=False
@@ -91,11 +133,18 @@ def solve_rows(block: Block, x, where, target, relative, *, interpret: bool):
   relative = pad_rows(jnp.broadcast_to(relative, (rows,)).astype(jnp.int32))
 
   row_block = pl.BlockSpec((t, n_pad), lambda i: (i, 0))
-  per_row = pl.BlockSpec((t,), lambda i: (i,))
-  vector = jax.ShapeDtypeStruct((rows_pad,), x.dtype)
-  params = None
-  if not interpret:
-    params = plgpu.CompilerParams(num_warps=_num_warps(t * n_pad), num_stages=1)
+  if tpu:  # columns: a rank-1 block breaks the (8, 128) rule
+    target, relative = target[:, None], relative[:, None]
+    per_row = pl.BlockSpec((t, 1), lambda i: (i, 0))
+  else:
+    per_row = pl.BlockSpec((t,), lambda i: (i,))
+  vector = jax.ShapeDtypeStruct(target.shape, x.dtype)
+  if interpret:
+    params = None
+  elif tpu:
+    params = pltpu.CompilerParams(dimension_semantics=("parallel",))
+  else:
+    params = plgpu.CompilerParams(num_warps=gpu_config(n_pad).num_warps, num_stages=1)
   probs, gamma, scale = pl.pallas_call(
     functools.partial(_kernel, block),
     grid=(rows_pad // t,),
@@ -106,4 +155,4 @@ def solve_rows(block: Block, x, where, target, relative, *, interpret: bool):
     compiler_params=params,
     name="entropy_softmax_rows",
   )(x, target, relative)
-  return probs[:rows, :n], gamma[:rows], scale[:rows]
+  return probs[:rows, :n], gamma.reshape(-1)[:rows], scale.reshape(-1)[:rows]

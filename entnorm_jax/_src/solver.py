@@ -277,16 +277,22 @@ class _Rows(NamedTuple):
   lo: jax.Array  # bracket: H(lo) > H_t (or lo = 0)
   hi: jax.Array  # bracket: H(hi) < H_t (or the argmax bound)
   center: jax.Array  # mean under q at gamma: the centre of the next evaluation's moments
-  done: jax.Array  # on target (or an edge row)
+  done: jax.Array  # flag: on target (or an edge row)
   error: jax.Array  # |H - H_t| at gamma
-  wants_full: jax.Array  # the next evaluation must give derivatives (a new anchor)
-  high: jax.Array  # the anchor's coordinate: u(log γ) if True, w(γ) if False
+  wants_full: jax.Array  # flag: the next evaluation must give derivatives (a new anchor)
+  high: jax.Array  # flag: the anchor's coordinate is u(log γ) if set, w(γ) if not
   tau_a: jax.Array  # anchor: coordinate, value and two derivatives there
   f_a: jax.Array
   f1_a: jax.Array
   f2_a: jax.Array
   tau: jax.Array  # the coordinate and value at gamma, in the anchor's coordinate
   f: jax.Array
+
+
+def _flag(condition: jax.Array) -> jax.Array:
+  """A boolean as the int32 0 or 1 that the state holds: Mosaic (Pallas on TPUs) cannot select
+  between boolean vectors, as ``jnp.where`` on boolean state and the loop's update would."""
+  return condition.astype(jnp.int32)
 
 
 def _coordinates(high, gamma, mom: Moments, target, bounds: Bounds):
@@ -314,20 +320,20 @@ def _observe(rows: _Rows, mom: Moments, full, target, bounds: Bounds, tol, fixed
   g = rows.gamma
   too_high = mom.entropy > target  # γ too small
   error = jnp.abs(mom.entropy - target)
-  done = fixed | (error <= tol) | jnp.isnan(mom.entropy)
+  done = _flag(fixed | (error <= tol) | jnp.isnan(mom.entropy))
   lo = jnp.where(too_high, jnp.maximum(rows.lo, g), rows.lo)
   hi = jnp.where(too_high, rows.hi, jnp.minimum(rows.hi, g))
   # A full evaluation becomes the anchor (in the coordinate of the side the row is on now) of the
   # rows that asked for it, or have none yet. A row that did not ask keeps its anchor whatever
   # its block's evaluation was, so that its steps depend on its own values alone: a row's γ does
   # not depend on the rows it is solved with.
-  renew = full & (rows.wants_full | jnp.isnan(rows.f_a))
+  renew = full & ((rows.wants_full != 0) | jnp.isnan(rows.f_a))
   # Derivatives are wanted far from the target, and where the last step did not halve the error
   # (a stale anchor).
-  wants_full = (error > LIGHT_WITHIN) | ~(error <= 0.5 * rows.error)
-  high = jnp.where(renew, too_high, rows.high)
-  tau, f = _coordinates(high, g, mom, target, bounds)
-  f1, f2 = _derivatives(high, g, mom, bounds)
+  wants_full = _flag((error > LIGHT_WITHIN) | ~(error <= 0.5 * rows.error))
+  high = jnp.where(renew, _flag(too_high), rows.high)
+  tau, f = _coordinates(high != 0, g, mom, target, bounds)
+  f1, f2 = _derivatives(high != 0, g, mom, bounds)
   anchor = lambda new, old: jnp.where(renew, new, old)
   return _Rows(
     g,
@@ -368,10 +374,10 @@ def _step(rows: _Rows) -> jax.Array:
   # At most a factor 16 per step upwards: from a plateau (near-ties) the local slope predicts
   # far too much, and one-hot overshoots cancel V away, which would stall the next steps.
   log_g = jnp.log(g)
-  proposal = jnp.where(rows.high, jnp.exp(jnp.minimum(tau, log_g + _MAX_LOG_GROWTH)), tau)
+  proposal = jnp.where(rows.high != 0, jnp.exp(jnp.minimum(tau, log_g + _MAX_LOG_GROWTH)), tau)
   inside = (proposal >= rows.lo) & (proposal <= rows.hi) & jnp.isfinite(proposal)
   bisect = jnp.where(rows.lo > 0, jnp.sqrt(rows.lo) * jnp.sqrt(rows.hi), 0.5 * rows.hi)
-  return jnp.where(rows.done, g, jnp.where(inside, proposal, bisect))
+  return jnp.where(rows.done != 0, g, jnp.where(inside, proposal, bisect))
 
 
 # Evaluation modes, per row: what the solver needs from the next pass over the row.
@@ -418,10 +424,10 @@ def solve(bounds: Bounds, target: jax.Array, first: Start, evaluate: Evaluate, a
     jnp.zeros_like(target),
     bounds.gamma_hi,
     first.center,
-    jnp.zeros(target.shape, bool),
+    jnp.zeros(target.shape, jnp.int32),
     nan,
-    jnp.ones(target.shape, bool),
-    jnp.zeros(target.shape, bool),
+    jnp.ones(target.shape, jnp.int32),
+    jnp.zeros(target.shape, jnp.int32),
     nan,
     nan,
     nan,
@@ -438,20 +444,20 @@ def solve(bounds: Bounds, target: jax.Array, first: Start, evaluate: Evaluate, a
     keep = mode == SKIP
     return jax.tree.map(lambda old, new: jnp.where(keep, old, new), rows, seen), aux
 
-  rows, aux = visit(rows, jnp.full(target.shape, FULL, jnp.int8), first.fixed, aux)
+  rows, aux = visit(rows, jnp.full(target.shape, FULL, jnp.int32), first.fixed, aux)
 
   def cond(carry):
     count, rows, _ = carry
     going = count < limit
-    return going & any_of(~rows.done) if adaptive else going
+    return going & any_of(rows.done == 0) if adaptive else going
 
   def body(carry):
     count, rows, aux = carry
     gamma = _step(rows)
     # A step that rounds to nothing leaves the row where this precision lets it be.
     stuck = gamma == rows.gamma
-    wants_full = rows.wants_full if adaptive else True
-    mode = jnp.where(rows.done, SKIP, jnp.where(wants_full, FULL, LIGHT)).astype(jnp.int8)
+    wants_full = rows.wants_full != 0 if adaptive else True
+    mode = jnp.where(rows.done != 0, SKIP, jnp.where(wants_full, FULL, LIGHT)).astype(jnp.int32)
     rows, aux = visit(rows._replace(gamma=gamma), mode, stuck, aux)
     return count + 1, rows, aux
 
