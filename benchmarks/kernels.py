@@ -18,9 +18,12 @@ sizes, re-run whenever a kernel or its block sizes change.
 TPU: ``benchmarks.kernels_tpu`` runs in a subprocess (libtpu wants its own environment
 variables) and compiles the core and attention for v5e and v6e topologies without a TPU.
 
-``--sweep-core`` builds the core kernel at every padded row length for every block size and warp
-count in :data:`SWEEP_ELEMENTS` x :data:`SWEEP_WARPS`, the measurement behind
-:data:`entnorm_jax._src.pallas_core.GPU_CONFIGS` (written to ``kernels_sweep.{json,md}``).
+``--sweep`` builds the core kernel at every padded row length for every block in
+:data:`SWEEP_CORE`, and the attention kernels for every dtype, precision, head dim and kernel shape
+in :data:`SWEEP_ATTENTION_VARIANTS` x :data:`SWEEP_ATTENTION_DIMS` x :data:`SWEEP_ATTENTION_SHAPES`:
+the measurements behind the tables :data:`entnorm_jax._src.pallas_core.GPU_CONFIGS` and
+:data:`entnorm_jax._src.pallas_attention.GPU_SHAPES` (written to ``kernels_sweep.{json,md}``;
+about 25 minutes on 2 cores).
 
 Writes ``kernels.json`` and ``kernels.md`` (default ``benchmarks/results/``).
 """
@@ -55,12 +58,16 @@ from entnorm_jax._src import pallas_core
 ARCHS = (80, 90)  # sm_80 (A100), sm_90 (H100/H200)
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # bytes of shared memory a block may use
 CORE_SHAPES = ((4096, 128), (4096, 1000), (512, 4096), (64, 16384))
-SWEEP_ELEMENTS = (2048, 4096, 8192, 16384)
-SWEEP_WARPS = (4, 8, 16)
+# Core: (warps, block entries per thread); a thread holds at most 255 registers (128 at 16 warps).
+SWEEP_CORE = ((4, 8), (4, 16), (8, 8), (8, 16), (16, 8), (16, 16))
+SWEEP_CORE_MAX_ROWS = 256
 # Attention: (dtype, precision) variants, head dims, and (block_q, block_k, warps, stages).
 SWEEP_ATTENTION_VARIANTS = ((jnp.bfloat16, None), (jnp.float32, None), (jnp.float32, "highest"))
 SWEEP_ATTENTION_DIMS = (64, 128, 256)
-SWEEP_ATTENTION_SHAPES = ((16, 16, 4, 2), (32, 32, 4, 2), (32, 32, 8, 2), (64, 64, 4, 2), (64, 64, 8, 2))
+SWEEP_ATTENTION_SHAPES = (
+  (16, 16, 4, 2), (32, 32, 4, 2), (32, 32, 8, 2), (64, 16, 4, 2), (64, 32, 8, 2), (64, 64, 4, 2),
+  (64, 64, 8, 2),
+)  # fmt: skip
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
 
@@ -140,7 +147,9 @@ def build(ttir: str, num_warps: int, num_stages: int, cc: int) -> dict:
   ptx, report = compiled.asm["ptx"], log.getvalue()
   if "Used" not in report:
     return {"error": f"no ptxas report in Triton's output: {report[-300:]!r}"}
-  out = {k: int(m.group(1)) if (m := re.search(p, report)) else 0 for k, p in _PTXAS_PATTERNS.items()}
+  out = {
+    k: int(m.group(1)) if (m := re.search(p, report)) else 0 for k, p in _PTXAS_PATTERNS.items()
+  }
   out["shared_bytes"] = int(compiled.metadata.shared)
   out["mma"] = "wgmma" if "wgmma" in ptx else "mma" if re.search(r"\bmma\.sync", ptx) else "none"
   out["compile_s"] = round(time.perf_counter() - start, 2)
@@ -152,15 +161,23 @@ def _build_job(job):
   return build(kernel.ttir, kernel.num_warps, kernel.num_stages, cc)
 
 
-def build_all(kernels: list[Kernel], jobs: int) -> dict[tuple[str, int], dict]:
-  """``{(kernel.key, cc): build(...)}`` for every distinct kernel and :data:`ARCHS`, in
-  ``jobs`` processes."""
+def build_all(kernels: list[Kernel], jobs: int, log: pathlib.Path | None = None) -> dict:
+  """``{(kernel.key, cc): build(...)}`` for every distinct kernel and :data:`ARCHS`, in ``jobs``
+  processes; each result is also appended to ``log`` (JSON lines) as it comes."""
   unique = {k.key: k for k in kernels}
   work = [(k, cc) for k in unique.values() for cc in ARCHS]
   spawn = multiprocessing.get_context("spawn")  # jax's threads do not survive a fork
+  results = {}
   with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=spawn) as pool:
-    results = list(pool.map(_build_job, work))
-  return {(k.key, cc): r for (k, cc), r in zip(work, results, strict=True)}
+    futures = {pool.submit(_build_job, job): job for job in work}
+    for done in concurrent.futures.as_completed(futures):
+      k, cc = futures[done]
+      results[k.key, cc] = done.result()
+      if log is not None:
+        with log.open("a") as f:
+          f.write(json.dumps({"kernel": k.name, "key": k.key, "arch": cc, **results[k.key, cc]}))
+          f.write("\n")
+  return results
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,7 +186,7 @@ def build_all(kernels: list[Kernel], jobs: int) -> dict[tuple[str, int], dict]:
 
 def _core_case(shape, dtype, implementation, direction):
   x = jax.ShapeDtypeStruct(shape, dtype)
-  f = lambda x: en.entropy_softmax(x, 0.5, relative=True, implementation=implementation)
+  f = lambda x: en.entropy_softmax(x, target_fraction=0.5, implementation=implementation)
   if direction == "backward":
     g = jax.grad(lambda x: jnp.sum(f(x).astype(jnp.float32) * jnp.arange(shape[-1])))
     return g, (x,)
@@ -184,7 +201,7 @@ def _attention_case(
 
   def f(q, k, v):
     return ena.entropy_attention(
-      q, k, v, target_entropy=0.5, is_causal=is_causal, implementation="pallas",
+      q, k, v, target_fraction=0.5, is_causal=is_causal, implementation="pallas",
       precision=precision,
     )  # fmt: skip
 
@@ -202,15 +219,16 @@ def gpu_cases(quick: bool = False) -> dict[str, tuple]:
   core = [(s, jnp.float32) for s in CORE_SHAPES]
   core += [((4096, 1000), jnp.bfloat16), ((4096, 1000), jnp.float16)]
   core += [((16, pallas_core.MAX_LENGTH), jnp.float32)]
-  attention = [  # (dtype, dim, causal, length, heads, kv_heads)
-    (jnp.bfloat16, 64, True, 1024, 8, 8),
-    (jnp.bfloat16, 64, False, 1024, 8, 8),
-    (jnp.bfloat16, 128, True, 1024, 8, 8),
-    (jnp.float32, 64, False, 1000, 8, 8),
-    (jnp.float32, 128, True, 1000, 8, 8),
-    (jnp.float16, 64, True, 1024, 8, 8),
-    (jnp.bfloat16, 64, True, 1024, 8, 2),
-    (jnp.bfloat16, 256, True, 1024, 8, 8),
+  attention = [  # (dtype, dim, causal, length, heads, kv_heads, precision)
+    (jnp.bfloat16, 64, True, 1024, 8, 8, None),
+    (jnp.bfloat16, 64, False, 1024, 8, 8, None),
+    (jnp.bfloat16, 128, True, 1024, 8, 8, None),
+    (jnp.float32, 64, False, 1000, 8, 8, None),
+    (jnp.float32, 128, True, 1000, 8, 8, None),
+    (jnp.float16, 64, True, 1024, 8, 8, None),
+    (jnp.bfloat16, 64, True, 1024, 8, 2, None),
+    (jnp.bfloat16, 256, True, 1024, 8, 8, None),
+    (jnp.float32, 64, False, 1000, 8, 8, "highest"),
   ]
   if quick:
     core, attention = core[1:2], attention[:1]
@@ -220,20 +238,23 @@ def gpu_cases(quick: bool = False) -> dict[str, tuple]:
       for direction in ("forward", "backward"):
         label = f"core {jnp.dtype(dtype).name}{list(shape)} {impl or 'default'} {direction}"
         cases[label] = _core_case(shape, dtype, impl, direction)
-  for dtype, dim, causal, length, heads, kv_heads in attention:
+  for dtype, dim, causal, length, heads, kv_heads, precision in attention:
     for direction in ("forward", "backward"):
       kind = "causal" if causal else "full"
       gqa = f" gqa {heads}/{kv_heads}" if kv_heads != heads else ""
-      label = f"attention {jnp.dtype(dtype).name} d{dim} {kind} L{length}{gqa} {direction}"
-      cases[label] = _attention_case(dtype, dim, causal, length, heads, kv_heads, direction)
+      highest = f" {precision}" if precision else ""
+      label = f"attention {jnp.dtype(dtype).name}{highest} d{dim} {kind} L{length}{gqa} {direction}"
+      args = (dtype, dim, causal, length, heads, kv_heads, direction, precision)
+      cases[label] = _attention_case(*args)
   return cases
 
 
-def measure_gpu(cases: dict, jobs: int) -> list[dict]:
+def measure_gpu(cases: dict, jobs: int, log: pathlib.Path | None = None) -> list[dict]:
   """One row per (case, kernel, arch): the case's label, the kernel's name, warps and stages, and
-  its :func:`build` report. A case that emits no kernel (the XLA layout) gets one row saying so."""
+  its :func:`build` report. A case that emits no kernel (the XLA layout, or the blockwise engine)
+  gets one row saying so."""
   captured = {label: capture(fn, *args) for label, (fn, args) in cases.items()}
-  builds = build_all([k for ks in captured.values() for k in ks], jobs)
+  builds = build_all([k for ks in captured.values() for k in ks], jobs, log)
   rows = []
   for label, kernels in captured.items():
     if not kernels:
@@ -264,25 +285,24 @@ def _with_config(module, name, config, fn, *args):
     jax.clear_caches()
 
 
-def sweep_core(jobs: int, max_length: int | None = None) -> list[dict]:
-  """The core kernel at every padded row length up to ``max_length`` (default
-  :data:`pallas_core.MAX_LENGTH`), for each block size in :data:`SWEEP_ELEMENTS` (at least one row)
-  and each warp count in :data:`SWEEP_WARPS`: one row per (length, block, warps, arch)."""
-  max_length = max_length or pallas_core.MAX_LENGTH
+def sweep_core(jobs: int, log: pathlib.Path | None = None) -> list[dict]:
+  """The core kernel at every padded row length up to ``2 · pallas_core.MAX_LENGTH`` (the next
+  length up shows why it is the maximum) for each (warps, entries per thread) in
+  :data:`SWEEP_CORE` (a block of ``warps · 32 · entries`` elements, at least one row and at most
+  :data:`SWEEP_CORE_MAX_ROWS`: the solver keeps a few dozen values per row): one row per (length,
+  block, warps, arch)."""
   kernels, labels = [], []
-  n = 16
-  while n <= max_length:
-    for elements in sorted({max(e, n) for e in SWEEP_ELEMENTS}):
-      for warps in SWEEP_WARPS:
-        if warps * 32 > elements:
-          continue
-        x = jax.ShapeDtypeStruct((4 * (elements // n), n), jnp.float32)
-        config = pallas_core.GpuConfig(elements, warps)
-        (kernel,) = _with_config(pallas_core, "gpu_config", config, capture, _core, x)
-        kernels.append(kernel)
-        labels.append((n, elements // n, warps))
+  n = 1
+  while n <= 2 * pallas_core.MAX_LENGTH:
+    blocks = {(min(max(32 * w * e, n), SWEEP_CORE_MAX_ROWS * n), w) for w, e in SWEEP_CORE}
+    for elements, warps in sorted(blocks):
+      x = jax.ShapeDtypeStruct((4 * (elements // n), n), jnp.float32)
+      config = pallas_core.GpuConfig(elements, warps)
+      (kernel,) = _with_config(pallas_core, "gpu_config", config, capture, _core, x)
+      kernels.append(kernel)
+      labels.append((n, elements // n, warps))
     n *= 2
-  builds = build_all(kernels, jobs)
+  builds = build_all(kernels, jobs, log)
   rows = []
   for (n, block_rows, warps), k in zip(labels, kernels, strict=True):
     for cc in ARCHS:
@@ -291,7 +311,7 @@ def sweep_core(jobs: int, max_length: int | None = None) -> list[dict]:
   return rows
 
 
-def sweep_attention(jobs: int) -> list[dict]:
+def sweep_attention(jobs: int, log: pathlib.Path | None = None) -> list[dict]:
   """Pallas attention (forward and backward: five kernels, causal, L = 1024) for every variant
   in :data:`SWEEP_ATTENTION_VARIANTS`, head dim in :data:`SWEEP_ATTENTION_DIMS` and kernel shape
   in :data:`SWEEP_ATTENTION_SHAPES`: one row per (variant, dim, shape, kernel, arch)."""
@@ -301,12 +321,14 @@ def sweep_attention(jobs: int) -> list[dict]:
   for dtype, precision in SWEEP_ATTENTION_VARIANTS:
     for dim in SWEEP_ATTENTION_DIMS:
       for shape in SWEEP_ATTENTION_SHAPES:
-        fn, args = _attention_case(dtype, dim, True, 1024, direction="backward", precision=precision)
+        fn, args = _attention_case(
+          dtype, dim, True, 1024, direction="backward", precision=precision
+        )
         config = pallas_attention.KernelShape(*shape)
         for k in _with_config(pallas_attention, "gpu_shape", config, capture, fn, *args):
           kernels.append(k)
           labels.append((jnp.dtype(dtype).name, precision or "default", dim, shape))
-  builds = build_all(kernels, jobs)
+  builds = build_all(kernels, jobs, log)
   rows = []
   for (dtype, precision, dim, shape), k in zip(labels, kernels, strict=True):
     for cc in ARCHS:
@@ -364,9 +386,11 @@ def _gpu_markdown(rows: list[dict]) -> list[str]:
   ]
   for r in rows:
     if not r.get("kernel"):
-      lines.append(f"| {r['case']} | (XLA layout: no kernel) | | | | | | | | |")
+      lines.append(f"| {r['case']} | (no Pallas kernel: XLA layout or blockwise) | | | | | | | | |")
     elif "error" in r:
-      lines.append(f"| {r['case']} | {r['kernel']} | {r['arch']} | | | failed: {r['error']} | | | | |")
+      lines.append(
+        f"| {r['case']} | {r['kernel']} | {r['arch']} | | | failed: {r['error']} | | | | |"
+      )
     else:
       lines.append(
         f"| {r['case']} | {r['kernel']} | {r['arch']} | {r['num_warps']} | {r['num_stages']} "
@@ -416,22 +440,64 @@ def markdown(result: dict) -> str:
   return "\n".join(parts) + "\n"
 
 
-def sweep_markdown(rows: list[dict]) -> str:
+def _pair(archs: dict, key: str) -> str:
+  """``"sm_80/sm_90"`` values of ``key`` (``-`` for a failed build)."""
+  cell = lambda r: (
+    "-" if r is None or "error" in r else str(spills(r) if key == "spill" else r[key])
+  )
+  return "/".join(cell(archs.get(a)) for a in ("sm_80", "sm_90"))
+
+
+def sweep_markdown(sweep: dict) -> str:
+  env = sweep["environment"]
+  wall = f"; {sweep['wall_s'] / 60:.0f} min" if sweep.get("wall_s") else ""
   lines = [
-    "# The core kernel: registers and spills per row length, block and warps\n",
-    "Spill bytes per thread (stores + loads), sm_80 / sm_90; `-` failed to build.\n",
+    "# The sweeps behind the kernels' tables\n",
+    f"`python -m benchmarks.kernels --sweep` on {env['cpu_model']}, jax {env['jax']}, Triton "
+    f"{env['triton']}{wall}. Spill = bytes of spill stores + loads per thread; `-` = failed to "
+    "build.\n",
+    *([sweep["note"] + "\n"] if sweep.get("note") else []),
+    "## Core kernel (forward; the gradient runs the same kernel)\n",
     "| n_pad | rows/block | elements | warps | registers sm_80/sm_90 | spill sm_80/sm_90 |",
     "|---|---|---|---|---|---|",
   ]
   by = {}
-  for r in rows:
+  for r in sweep["core"]:
     by.setdefault((r["n_pad"], r["block_rows"], r["num_warps"]), {})[r["arch"]] = r
   for (n, t, w), archs in sorted(by.items()):
-    regs = "/".join(str(archs[a].get("registers", "-")) for a in ("sm_80", "sm_90"))
-    spill = "/".join(
-      "-" if "error" in archs[a] else str(spills(archs[a])) for a in ("sm_80", "sm_90")
+    lines.append(
+      f"| {n} | {t} | {n * t} | {w} | {_pair(archs, 'registers')} | {_pair(archs, 'spill')} |"
     )
-    lines.append(f"| {n} | {t} | {n * t} | {w} | {regs} | {spill} |")
+  lines += [
+    "",
+    "## Attention kernels (causal, L = 1024, forward and backward)\n",
+    "Worst over the five kernels (stats, moments, output, dq, dkv); shared memory in KiB.\n",
+    "| dtype | precision | dim | block_q | block_k | warps | stages | max registers sm_80/sm_90 "
+    "| spill sm_80/sm_90 | max shared sm_80/sm_90 | spilling kernels |",
+    "|---|---|---|---|---|---|---|---|---|---|---|",
+  ]
+  groups = {}
+  for r in sweep["attention"]:
+    key = tuple(r[k] for k in ("dtype", "precision", "dim", "block_q", "block_k", "num_warps",
+                               "num_stages"))  # fmt: skip
+    groups.setdefault(key, []).append(r)
+  for key, rows in groups.items():
+    cells = []
+    for field in ("registers", "spill", "shared_bytes"):
+      per_arch = []
+      for a in ("sm_80", "sm_90"):
+        ok = [r for r in rows if r["arch"] == a and "error" not in r]
+        if len(ok) < len([r for r in rows if r["arch"] == a]):
+          per_arch.append("-")
+          continue
+        values = [spills(r) if field == "spill" else r[field] for r in ok]
+        top = max(values, default=0)
+        per_arch.append(f"{top / 1024:.0f}" if field == "shared_bytes" else str(top))
+      cells.append("/".join(per_arch))
+    bad = sorted({r["kernel"] for r in rows if "error" in r or spills(r) > 0})
+    lines.append(
+      "| " + " | ".join(map(str, key)) + " | " + " | ".join(cells) + f" | {', '.join(bad)} |"
+    )
   return "\n".join(lines) + "\n"
 
 
@@ -458,6 +524,7 @@ def measure_tpu(quick: bool) -> tuple[list[dict] | None, str | None]:
   if _version("libtpu") == "not installed":
     return None, "libtpu is not installed (pip install -e '.[kernels]')"
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "TPU_SKIP_MDS_QUERY": "1"}
+  env["ALLOW_MULTIPLE_LIBTPU_LOAD"] = "1"  # this process may hold libtpu's lock file
   with tempfile.TemporaryDirectory() as tmp:
     out = pathlib.Path(tmp, "tpu.json")
     command = [sys.executable, "-m", "benchmarks.kernels_tpu", "--out", str(out)]
@@ -474,20 +541,24 @@ def main(argv=None) -> dict:
   parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
   parser.add_argument("--quick", action="store_true", help="one core and one attention case")
   parser.add_argument("--no-tpu", action="store_true", help="skip the TPU compilation")
-  parser.add_argument("--sweep-core", action="store_true", help="the block/warps sweep only")
+  parser.add_argument("--sweep", action="store_true", help="the sweeps behind the tables only")
   parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
   args = parser.parse_args(argv)
   if not os.environ.get("JAX_PLATFORMS"):  # built for accelerators, run on none (nor libtpu)
     jax.config.update("jax_platforms", "cpu")
   args.out.mkdir(parents=True, exist_ok=True)
   start = time.perf_counter()
-  if args.sweep_core:
-    rows = sweep_core(args.jobs)
-    (args.out / "kernels_sweep.json").write_text(json.dumps(rows, indent=1) + "\n")
-    (args.out / "kernels_sweep.md").write_text(sweep_markdown(rows))
-    print(sweep_markdown(rows))
-    return {"sweep": rows}
-  gpu = measure_gpu(gpu_cases(args.quick), args.jobs)
+  log = pathlib.Path(tempfile.gettempdir(), "entnorm_kernel_builds.jsonl")  # builds as they end
+  log.unlink(missing_ok=True)
+  if args.sweep:
+    sweep = {"core": sweep_core(args.jobs, log), "attention": sweep_attention(args.jobs, log)}
+    sweep["environment"] = environment()
+    sweep["wall_s"] = time.perf_counter() - start
+    (args.out / "kernels_sweep.json").write_text(json.dumps(sweep, indent=1) + "\n")
+    (args.out / "kernels_sweep.md").write_text(sweep_markdown(sweep))
+    print(sweep_markdown(sweep))
+    return sweep
+  gpu = measure_gpu(gpu_cases(args.quick), args.jobs, log)
   tpu, tpu_error = (None, "skipped (--no-tpu)") if args.no_tpu else measure_tpu(args.quick)
   result = {
     "environment": environment(),

@@ -109,7 +109,7 @@ def _attention(implementation, direction):
 
   def forward(q, k, v):
     return attention.entropy_attention(
-      q, k, v, target_entropy=0.5, relative=True, is_causal=True, implementation=implementation
+      q, k, v, target_fraction=0.5, is_causal=True, implementation=implementation
     )
 
   def gradient(q, k, v):

@@ -1,5 +1,5 @@
-"""The GPU kernels' shapes come from the measured tables, and ``benchmarks.kernels`` can capture what
-the library emits for CUDA (the capture needs no GPU and no Triton; compiling does, and is a
+"""The GPU kernels' shapes come from the measured tables, and ``benchmarks.kernels`` can capture
+what the library emits for CUDA (the capture needs no GPU and no Triton; compiling does, and is a
 benchmark, not a test)."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from jax.experimental import pallas as pl
 
@@ -40,42 +41,46 @@ def test_core_kernel_is_built_as_the_table_says(n):
   assert "tt.func" in kernel.ttir
 
 
-@pytest.mark.parametrize(
-  "dtype, dim, precision",
-  [(jnp.bfloat16, 64, None), (jnp.float32, 128, None), (jnp.float32, 64, jax.lax.Precision.HIGHEST)],
-)
-def test_attention_kernels_are_built_as_the_table_says(dtype, dim, precision):
-  shape = pallas_attention.gpu_shape(dtype, dim, precision)
-  q = jax.ShapeDtypeStruct((1, 256, 2, dim), dtype)
-
+def _attention_grad(precision):
   def loss(q, k, v):
     out = ena.entropy_attention(
       q, k, v, target_entropy=0.5, is_causal=True, implementation="pallas", precision=precision
     )
     return jnp.sum(out.astype(jnp.float32))
 
-  found = kernels.capture(jax.grad(loss, argnums=(0, 1, 2)), q, q, q)
+  return jax.grad(loss, argnums=(0, 1, 2))
+
+
+@pytest.mark.parametrize(
+  "dtype, dim", [(jnp.bfloat16, 64), (jnp.bfloat16, 128), (jnp.float32, 32), (jnp.float32, 256)]
+)
+def test_attention_kernels_are_built_as_the_table_says(dtype, dim):
+  shape = pallas_attention.gpu_shape(dtype, dim, None)
+  q = jax.ShapeDtypeStruct((1, 256, 2, dim), dtype)
+  found = kernels.capture(_attention_grad(None), q, q, q)
   names = {"_stats_kernel", "_moments_kernel", "_output_kernel", "_dq_kernel", "_dkv_kernel"}
   assert {k.name for k in found} == names
   assert {(k.num_warps, k.num_stages) for k in found} == {(shape.num_warps, shape.num_stages)}
   # The default blocks are the table's: the score tile of the stats kernel is [block_q, block_k].
   assert f"tensor<{shape.block_q}x{shape.block_k}xf32>" in found[0].ttir
+  # At JAX's default precision the Triton dots ask for TF32 tensor cores (for float32 tiles; 16-bit
+  # tiles use their own).
+  assert "inputPrecision = tf32" in found[0].ttir
 
 
-def test_float32_attention_uses_tensor_cores_by_default():
-  """At JAX's default precision the Triton dot of float32 tiles is TF32; ``"highest"`` is IEEE
-  (Triton's default input precision, left unwritten)."""
+@pytest.mark.parametrize("precision", [jax.lax.Precision.HIGHEST, "highest"])
+def test_full_precision_float32_attention_runs_blockwise(precision):
+  """No shape of the kernels with IEEE float32 dots compiles without spilling: a forced
+  ``"pallas"`` runs the blockwise engine (no Pallas kernel), with the same results."""
+  assert pallas_attention.gpu_shape(jnp.float32, 64, jax.lax.Precision.HIGHEST) is None
+  assert pallas_attention.gpu_shape(jnp.bfloat16, 64, jax.lax.Precision.HIGHEST) is not None
   q = jax.ShapeDtypeStruct((1, 64, 1, 64), jnp.float32)
-
-  def dots(precision):
-    f = lambda q, k, v: ena.entropy_attention(
-      q, k, v, target_entropy=0.5, implementation="pallas", precision=precision
-    )
-    (stats, *_) = kernels.capture(f, q, q, q)
-    return stats.ttir
-
-  assert "inputPrecision = tf32" in dots(None)
-  assert "tt.dot" in dots("highest") and "tf32" not in dots("highest")
+  assert kernels.capture(_attention_grad(precision), q, q, q) == []
+  x = jax.random.normal(jax.random.key(0), (3, 1, 40, 2, 16))
+  run = lambda impl: ena.entropy_attention(
+    *x, target_entropy=0.5, is_causal=True, implementation=impl, precision=precision
+  )
+  np.testing.assert_allclose(run("pallas"), run("blockwise"), atol=1e-6)
 
 
 def test_tables_summarize_spills_and_failures():

@@ -62,18 +62,32 @@ class KernelShape(NamedTuple):
   num_stages: int
 
 
-# (bytes per input entry, full float32 products, padded head dim) -> the kernels' shape, chosen
-# by the registers and spills that ``python -m benchmarks.kernels --sweep-attention`` measures
-# (``benchmarks/results/kernels_sweep.md``): the largest blocks whose five kernels (stats,
-# moments, output, dq, dkv) all compile without spilling for sm_80 and sm_90. Filled below.
-GPU_SHAPES: dict[tuple[int, bool, int], KernelShape] = {(b, h, d): KernelShape(64, 64, 4, 2) for b in (2, 4, 8) for h in (False, True) for d in (16, 32, 64, 128, 256, 512)}
+# (bytes per input entry, full float32 products, padded head dim) -> the kernels' shape: the
+# largest blocks (then the fewest registers) whose five kernels (stats, moments, output, dq, dkv)
+# all compile without spilling for sm_80 and sm_90, measured by ``python -m benchmarks.kernels
+# --sweep`` (``benchmarks/results/kernels_sweep.md``; most registers per thread over the kernels
+# beside each entry). 64-row query blocks let sm_90 use ``wgmma``; smaller ones use ``mma``.
+# Full-precision float32 (``Precision.HIGHEST``: IEEE ``dot``s, no tensor
+# cores) spills in every shape tried, down to 16x16 blocks at head dim 64 (888 B per thread in
+# dkv): it has no entry, and such calls run the blockwise engine.
+GPU_SHAPES: dict[tuple[int, bool, int], KernelShape] = {
+  (2, False, 64): KernelShape(64, 64, 8, 2),  # 255 registers; 4 warps: 88 B of spill (dkv)
+  (2, False, 128): KernelShape(64, 32, 8, 2),  # 254; 64x64 at 8 warps: 428 B (dkv)
+  (2, False, 256): KernelShape(32, 32, 8, 2),  # 242; 64x16 at 8 warps: 176 B (output, dkv)
+  (4, False, 64): KernelShape(64, 32, 8, 2),  # 248; 64x64 at 8 warps: 632 B (dkv, dq, output)
+  (4, False, 128): KernelShape(64, 16, 8, 2),  # 255; 64x32 at 8 warps: 524 B (dkv, dq, output)
+  (4, False, 256): KernelShape(16, 16, 4, 2),  # 253; 32x32 at 8 warps: 24 B (output)
+}
+_MIN_DIM = 64  # smaller head dims use the entries of 64 (fewer registers)
 
 
-def gpu_shape(dtype, dim: int, precision) -> KernelShape:
-  """The :data:`GPU_SHAPES` entry for inputs of ``dtype``, head dim ``dim`` and ``precision``."""
-  highest = precision == jax.lax.Precision.HIGHEST and jnp.dtype(dtype).itemsize >= 4
-  key = (min(jnp.dtype(dtype).itemsize, 4), highest, max(_MIN_BLOCK, pl.next_power_of_2(dim)))
-  return GPU_SHAPES[key]
+def gpu_shape(dtype, dim: int, precision) -> KernelShape | None:
+  """The :data:`GPU_SHAPES` entry for inputs of ``dtype`` (float64 uses float32's: unmeasured),
+  head dim ``dim`` and ``precision``; ``None`` where no shape of the kernels compiles without
+  spilling (full-precision float32, head dims above 256)."""
+  size = min(jnp.dtype(dtype).itemsize, 4)
+  highest = precision == jax.lax.Precision.HIGHEST and size == 4
+  return GPU_SHAPES.get((size, highest, max(_MIN_DIM, pl.next_power_of_2(dim))))
 
 
 def pallas_block_size(size: int, length: int, name: str) -> int:

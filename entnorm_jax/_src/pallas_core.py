@@ -40,6 +40,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
+
 class GpuConfig(NamedTuple):
   """A Triton program's shape: about ``elements`` entries (at least one row) over ``num_warps``."""
 
@@ -47,15 +48,32 @@ class GpuConfig(NamedTuple):
   num_warps: int
 
 
-# Padded row length -> the block each Triton program solves, chosen by the registers and spills
-# that ``python -m benchmarks.kernels --sweep-core`` measures (``benchmarks/results/
-# kernels_sweep.md``): the whole solve keeps about a dozen block-sized values per entry alive, and
-# a thread holds at most 255 registers (128 at 16 warps), so a spill-free block holds few entries
-# per thread. Filled in below from the sweep.
-GPU_CONFIGS: dict[int, GpuConfig] = {2**k: GpuConfig(max(2**13, 2**k), 16) for k in range(15)}
+# Padded row length -> the block each Triton program solves: the largest block whose kernel
+# compiles without spilling registers for both sm_80 and sm_90 (``python -m benchmarks.kernels
+# --sweep``, ``benchmarks/results/kernels_sweep.md``; registers per thread sm_80/sm_90 beside each
+# entry). The whole solve keeps about a dozen block-sized values per entry and a few dozen per row
+# alive, and a thread holds at most 255 registers (128 at 16 warps), so blocks are small: 4K
+# entries, at most 256 rows (512 rows of 16 spill 156 B per thread, whatever the warps).
+GPU_CONFIGS: dict[int, GpuConfig] = {
+  1: GpuConfig(256, 8),  # 66/62
+  2: GpuConfig(512, 8),  # 70/64
+  4: GpuConfig(1024, 8),  # 73/74
+  8: GpuConfig(2048, 8),  # 105/107
+  16: GpuConfig(4096, 16),  # 128/128 (8192 entries: 156 B of spill)
+  32: GpuConfig(4096, 16),  # 128/128
+  64: GpuConfig(4096, 16),  # 128/128
+  128: GpuConfig(4096, 16),  # 128/128
+  256: GpuConfig(4096, 8),  # 252/241 (16 warps: 8 B of spill on sm_90)
+  512: GpuConfig(4096, 8),  # 250/243
+  1024: GpuConfig(4096, 8),  # 249/243
+  2048: GpuConfig(4096, 16),  # 128/128
+  4096: GpuConfig(4096, 16),  # 93/96
+  8192: GpuConfig(8192, 16),  # 128/128
+}
 
-# The longest (padded) row a program holds; longer rows use the "xla" layout.
-MAX_LENGTH = 2**14
+# The longest (padded) row a program holds; longer rows use the "xla" layout. A row of 16,384
+# entries spills at 4, 8 and 16 warps (1.1-55 KB per thread).
+MAX_LENGTH = 2**13
 
 Block = Callable[..., tuple[jax.Array, jax.Array, jax.Array]]
 
