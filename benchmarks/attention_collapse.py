@@ -64,7 +64,7 @@ class Block(nn.Module):
       attn = nn.MultiHeadDotProductAttention(**kwargs)
     else:
       learn = self.variant == "entropy_learned"
-      attn = enn.EntropyMultiHeadAttention(**kwargs, target_entropy=0.5, learn_target=learn)
+      attn = enn.EntropyMultiHeadAttention(**kwargs, target_fraction=0.5, learn_target=learn)
     x = x + attn(nn.LayerNorm()(x), mask=mask, sow_weights=True)
     h = nn.Dense(4 * self.features)(nn.LayerNorm()(x))
     return x + nn.Dense(self.features)(nn.gelu(h))

@@ -40,7 +40,7 @@ def module_functions(length: int) -> dict:
   cot = jax.random.normal(kc, x.shape, jnp.float32)
   mask = nn.make_causal_mask(jnp.ones((1, length))).astype(bool)
   flax_mha = nn.MultiHeadDotProductAttention(num_heads=HEADS, qkv_features=FEATURES)
-  ours = enn.EntropyMultiHeadAttention(num_heads=HEADS, qkv_features=FEATURES, target_entropy=0.5)
+  ours = enn.EntropyMultiHeadAttention(num_heads=HEADS, qkv_features=FEATURES, target_fraction=0.5)
   params = jax.jit(flax_mha.init)(kp, x)
   fns = {}
   for name, module in (("flax", flax_mha), ("entropy", ours)):

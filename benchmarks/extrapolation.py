@@ -148,9 +148,7 @@ def make_attention_fn(variant: str, train_length: int, rope_base: float | None):
   if variant not in VARIANTS:
     raise ValueError(f"unknown variant {variant!r}; known: {VARIANTS}")
 
-  def attention_fn(
-    query, key, value, mask=None, module=None, dtype=None, target_entropy=TARGET, relative=True
-  ):
+  def attention_fn(query, key, value, mask=None, module=None, dtype=None, target_fraction=TARGET):
     positions = jnp.arange(query.shape[-3])
     if rope_base is not None:  # None: no positional encoding (NoPE)
       query, key = rope(query, positions, rope_base), rope(key, positions, rope_base)
@@ -162,8 +160,7 @@ def make_attention_fn(variant: str, train_length: int, rope_base: float | None):
         mask=mask,
         module=module,
         dtype=dtype,
-        target_entropy=target_entropy,
-        relative=relative,
+        target_fraction=target_fraction,
       )
     if variant == "log_n":
       scale = jnp.log1p(positions.astype(jnp.float32)) / np.log(train_length)
@@ -191,7 +188,7 @@ class Block(nn.Module):
     )
     if self.variant.startswith("entropy"):
       learn = self.variant == "entropy_learned"
-      attn = enn.EntropyMultiHeadAttention(**kwargs, target_entropy=TARGET, learn_target=learn)
+      attn = enn.EntropyMultiHeadAttention(**kwargs, target_fraction=TARGET, learn_target=learn)
     else:
       attn = nn.MultiHeadDotProductAttention(**kwargs)
     x = x + attn(nn.LayerNorm()(x), mask=mask, sow_weights=sow_weights)

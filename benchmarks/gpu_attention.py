@@ -66,7 +66,7 @@ def _out_and_grads(implementation, interpret, **kw):
   def f(q, k, v, target, cot, mask, q_len, kv_len):
     def attend(q, k, v, target):
       return ena.entropy_attention(
-        q, k, v, target_entropy=target, mask=mask, query_seq_lengths=q_len,
+        q, k, v, target_fraction=target, mask=mask, query_seq_lengths=q_len,
         key_value_seq_lengths=kv_len, implementation=implementation, **kw,
       )  # fmt: skip
 
@@ -120,7 +120,7 @@ def check_bf16(smoke: bool, interpret: bool) -> dict:
   q, k, v, _ = _qkv(1, 1, n, 8, 8, 16 if smoke else 64, jnp.bfloat16)
   f = lambda impl, **kw: jax.jit(
     lambda q, k, v: ena.entropy_attention(
-      q, k, v, target_entropy=TARGET, is_causal=True, implementation=impl, **kw
+      q, k, v, target_fraction=TARGET, is_causal=True, implementation=impl, **kw
     )
   )
   want = f("xla")(*(x.astype(jnp.float32) for x in (q, k, v)))
@@ -135,7 +135,7 @@ def _forward(impl: str, interpret: bool, **kw):
   if impl == "pallas":
     kw = dict(kw, interpret=interpret)
   return lambda q, k, v: ena.entropy_attention(
-    q, k, v, target_entropy=TARGET, is_causal=True, implementation=impl, **kw
+    q, k, v, target_fraction=TARGET, is_causal=True, implementation=impl, **kw
   )
 
 

@@ -46,7 +46,7 @@ def _attention(implementation: str, causal: bool):
 
   def f(q, k, v):
     return ena.entropy_attention(
-      q, k, v, target_entropy=TARGET, is_causal=causal, implementation=implementation, **kw
+      q, k, v, target_fraction=TARGET, is_causal=causal, implementation=implementation, **kw
     )
 
   return f

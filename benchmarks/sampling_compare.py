@@ -44,12 +44,7 @@ WINDOW = 16  # characters in a repetition window
 # label -> (method, swept parameter, values, fixed parameters)
 SWEEPS: dict[str, tuple[str, str, list, dict]] = {
   "entropy": ("entropy", "target_entropy", [0.15, 0.3, 0.45, 0.6, 0.8, 1.0, 1.3], {}),
-  "entropy_ceiling": (
-    "entropy",
-    "target_entropy",
-    [0.3, 0.6, 0.9, 1.2, 1.6, 2.0, 2.6],
-    {"ceiling": True},
-  ),
+  "entropy_ceiling": ("entropy", "max_entropy", [0.3, 0.6, 0.9, 1.2, 1.6, 2.0, 2.6], {}),
   "temperature": ("temperature", "temperature", [0.3, 0.45, 0.6, 0.75, 0.9, 1.0, 1.15], {}),
   "top_k": ("top_k", "top_k", [2, 3, 5, 8, 13, 25], {}),
   "top_p": ("top_p", "top_p", [0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99], {}),

@@ -3,7 +3,12 @@
 Each query row attends with ``P = softmax(γ* s)``, ``s = scale · q·k`` over its valid keys, where
 the per-row inverse temperature γ* sets the entropy of P to a target:
 
-    o_i = Σ_j P_ij v_j,      H(P_i) = H_target  (nats, or a fraction of log n_i with ``relative``).
+    o_i = Σ_j P_ij v_j,      H(P_i) = H_target  (``target_entropy`` in nats, or
+                                                ``target_fraction`` f: H_target = f · log n_i),
+
+or, with entropy bounds (``min_entropy`` / ``max_entropy``, ``min_fraction`` / ``max_fraction``),
+``P_i = softmax(s_i)`` for rows whose entropy already lies inside them and the bound crossed as
+the target for the others.
 
 Three implementations share these semantics:
 
@@ -24,11 +29,11 @@ import operator
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
 
+from entnorm_jax._src import pallas_attention, targets
 from entnorm_jax._src.blockwise_attention import (
   BLOCKWISE,
   Config,
@@ -38,8 +43,8 @@ from entnorm_jax._src.blockwise_attention import (
   compute_dtype,
 )
 from entnorm_jax._src.dense_attention import dense_attention
-from entnorm_jax._src import pallas_attention
 from entnorm_jax._src.pallas_attention import PALLAS, pallas_block_size
+from entnorm_jax._src.targets import Spec
 
 __all__ = ["context_parallel_attention", "entropy_attention"]
 
@@ -74,17 +79,20 @@ def _mask4(mask, full):
   return mask.reshape(shape)
 
 
-def _targets(target_entropy, batch: int, heads: int, q_len: int, dtype):
-  """Targets as ``[batch, heads, q_len]``: a scalar, ``[heads]``, or broadcastable to that."""
-  target = jnp.asarray(target_entropy)
-  if target.ndim == 1:
-    if target.shape[0] not in (1, heads):
-      raise ValueError(f"a 1-D target_entropy must have length heads={heads}, got {target.shape}")
-    target = target[:, None]
-  full = (batch, heads, q_len)
-  if np.broadcast_shapes(target.shape, full) != full:
-    raise ValueError(f"target_entropy of shape {target.shape} does not broadcast to {full}")
-  return jnp.broadcast_to(target.astype(dtype), full)
+def _targets(target, spec: Spec, batch: int, heads: int, q_len: int, dtype):
+  """Targets as ``[batch, heads, q_len]`` (``[..., 2]`` for bounds): each a scalar, ``[heads]``,
+  or broadcastable to that."""
+  return targets.per_row(target, spec, (batch, heads, q_len), dtype, heads=heads)
+
+
+def _target_spec(where: str, removed: dict, **keywords) -> tuple[object, Spec]:
+  targets.reject_removed(removed, where)
+  return targets.parse(where, **keywords)
+
+
+def _relative(spec: Spec) -> bool | tuple[bool, bool]:
+  """The blockwise engines' static unit flag(s)."""
+  return spec.fraction if spec.bounded else spec.fraction[0]
 
 
 def _valid_positions(lengths, batch: int, size: int, name: str):
@@ -98,7 +106,7 @@ def _valid_positions(lengths, batch: int, size: int, name: str):
   return jnp.arange(size)[None, :] < lengths[:, None]
 
 
-def _prepare(q, k, v, target_entropy, mask, scale, num_iters, q_lengths, kv_lengths):
+def _prepare(q, k, v, target, spec, mask, scale, num_iters, q_lengths, kv_lengths):
   """Checked inputs: ``(q, k, v, target [B, H, Q], q_ok [B, Q], k_ok [B, K], mask, scale)``."""
   q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
   _check_qkv(q, k, v)
@@ -108,7 +116,7 @@ def _prepare(q, k, v, target_entropy, mask, scale, num_iters, q_lengths, kv_leng
   scale = 1.0 / math.sqrt(dim) if scale is None else float(scale)
   if num_iters is not None and operator.index(num_iters) < 0:
     raise ValueError(f"num_iters must be >= 0 or None, got {num_iters}")
-  target = _targets(target_entropy, batch, heads, q_len, dtype)
+  target = _targets(target, spec, batch, heads, q_len, dtype)
   if mask is not None:
     mask = _mask4(mask, (batch, heads, q_len, kv_len))
   q_ok = _valid_positions(q_lengths, batch, q_len, "query_seq_lengths")
@@ -139,7 +147,7 @@ def _block_size(value, default: int, length: int, implementation: str, name: str
 @functools.partial(
   jax.jit,
   static_argnames=(
-    "relative",
+    "spec",
     "is_causal",
     "scale",
     "implementation",
@@ -150,13 +158,57 @@ def _block_size(value, default: int, length: int, implementation: str, name: str
     "precision",
   ),
 )
+def _entropy_attention(
+  q, k, v, target, *, spec, mask, is_causal, scale, implementation, block_q, block_k, interpret,
+  num_iters, query_seq_lengths, key_value_seq_lengths, precision,
+):  # fmt: skip
+  if implementation not in _IMPLEMENTATIONS:
+    raise ValueError(f"implementation must be one of {_IMPLEMENTATIONS}, got {implementation!r}")
+  q, k, v, target, q_ok, k_ok, mask, scale = _prepare(
+    q, k, v, target, spec, mask, scale, num_iters, query_seq_lengths, key_value_seq_lengths
+  )
+  q_len, kv_len = q.shape[1], k.shape[1]
+  precision = _precision(precision)
+  if implementation == "xla":
+    return dense_attention(
+        q, k, v, target, q_ok, k_ok, mask,
+        is_causal=is_causal, scale=scale, spec=spec, num_iters=num_iters,
+        precision=precision,
+    )  # fmt: skip
+  default_q, default_k, warps, stages = _BLOCKWISE_BLOCKS + (4, 2)
+  if implementation == "pallas":
+    shape = pallas_attention.gpu_shape(q.dtype, q.shape[3], precision)
+    if shape is None:  # no shape of the kernels compiles without spilling: the blockwise engine
+      implementation = "blockwise"
+    else:
+      default_q, default_k, warps, stages = shape
+  cfg = Config(
+    is_causal=is_causal,
+    scale=scale,
+    relative=_relative(spec),
+    num_iters=num_iters,
+    block_q=_block_size(block_q, default_q, q_len, implementation, "block_q"),
+    block_k=_block_size(block_k, default_k, kv_len, implementation, "block_k"),
+    interpret=None if interpret is None else bool(interpret),
+    precision=precision,
+    num_warps=warps,
+    num_stages=stages,
+  )
+  engine = BLOCKWISE if implementation == "blockwise" else PALLAS
+  return attention_vjp(engine, cfg, q, k, v, target, q_ok, k_ok, mask)
+
+
 def entropy_attention(
   q: ArrayLike,
   k: ArrayLike,
   v: ArrayLike,
   *,
-  target_entropy: ArrayLike,
-  relative: bool = True,
+  target_entropy: ArrayLike | None = None,
+  target_fraction: ArrayLike | None = None,
+  min_entropy: ArrayLike | None = None,
+  max_entropy: ArrayLike | None = None,
+  min_fraction: ArrayLike | None = None,
+  max_fraction: ArrayLike | None = None,
   mask: ArrayLike | None = None,
   is_causal: bool = False,
   scale: float | None = None,
@@ -168,15 +220,19 @@ def entropy_attention(
   query_seq_lengths: ArrayLike | None = None,
   key_value_seq_lengths: ArrayLike | None = None,
   precision: jax.lax.Precision | str | None = None,
+  **removed,
 ) -> jax.Array:
-  """Attention whose every row has a prescribed entropy.
+  r"""Attention whose every row has a prescribed entropy (or an entropy within bounds).
 
   With scores ``s_ij = scale · q_i·k_j`` over the valid keys of row i,
 
     o_i = Σ_j P_ij v_j,    P_i = softmax(γ*_i s_i),    H(P_i) = clip(H_i, log m_i, log n_i),
 
   n_i the number of valid keys and m_i the number tied at the maximum (see
-  :func:`entnorm_jax.solve_gamma`). γ* is differentiable by the implicit function theorem
+  :func:`entnorm_jax.solve_gamma`); ``H_i`` is ``target_entropy`` (nats) or ``target_fraction ·
+  log n_i``. With bounds instead, a row whose ``H(softmax(s_i))`` lies inside them keeps
+  ``P_i = softmax(s_i)`` (γ* = 1) and the others take the bound they cross as their target. γ* is
+  differentiable by the implicit function theorem
   (``∂γ*/∂s_ij = -γ* P_ij (s_ij - E_P s) / Var_P s``), so gradients flow to q, k, v and the
   target. The blockwise and Pallas implementations never form the ``q_len × kv_len`` matrix, in
   the forward or the backward pass.
@@ -186,9 +242,16 @@ def entropy_attention(
     k: keys ``[batch, kv_len, kv_heads, dim]``; ``heads`` must be a multiple of ``kv_heads``
       (grouped-query attention: query head ``h`` uses key head ``h // (heads // kv_heads)``).
     v: values, the shape of ``k``.
-    target_entropy: target entropy per row: a scalar, ``[heads]``, or an array broadcastable to
-      ``[batch, heads, q_len]``; nats, or a fraction of log(n_valid) with ``relative=True``.
-    relative: read ``target_entropy`` as a fraction of each row's maximum entropy log(n_valid).
+    target_entropy: target entropy per row in nats: a scalar, ``[heads]``, or an array
+      broadcastable to ``[batch, heads, q_len]``.
+    target_fraction: the target as a fraction f in [0, 1] of each row's largest entropy,
+      ``f · log(n_valid)``, shaped as ``target_entropy`` (instead of it). Name exactly one
+      target, or bounds.
+    min_entropy: a floor in nats, instead of an exact target (alone or with a ceiling).
+    max_entropy: a ceiling in nats. Rows whose softmax entropy lies inside the bounds are plain
+      softmax attention (with its gradient); the others are normalized to the bound they cross.
+    min_fraction: a floor as a fraction of log(n_valid) (instead of ``min_entropy``).
+    max_fraction: a ceiling as a fraction of log(n_valid) (instead of ``max_entropy``).
     mask: optional boolean mask broadcastable to ``[batch, heads, q_len, kv_len]``; True keeps
       a key. A padding mask ``[batch, 1, 1, kv_len]`` stays linear in memory in the blockwise
       and Pallas versions.
@@ -219,48 +282,31 @@ def entropy_attention(
     Statistics are kept in float32 for 16-bit inputs (float64 for float64).
 
   Raises:
-    ValueError: for inconsistent shapes, a mask or target that does not broadcast, or an unknown
-      implementation.
+    ValueError: for inconsistent shapes, a mask or target that does not broadcast, an unknown
+      implementation, none or several targets, a concrete target with no meaning in its unit (a
+      fraction outside [0, 1], negative nats; traced ones give NaN rows), or the removed
+      ``relative=`` (the message names ``target_fraction=``).
 
   Examples:
     >>> import jax, jax.numpy as jnp
     >>> from entnorm_jax import attention as ena
     >>> q, k, v = jax.random.normal(jax.random.key(0), (3, 1, 40, 2, 8))
-    >>> o = ena.entropy_attention(q, k, v, target_entropy=0.5, is_causal=True,
+    >>> o = ena.entropy_attention(q, k, v, target_fraction=0.5, is_causal=True,
     ...                           implementation="blockwise", block_q=16, block_k=16)
     >>> o.shape
     (1, 40, 2, 8)
   """
-  if implementation not in _IMPLEMENTATIONS:
-    raise ValueError(f"implementation must be one of {_IMPLEMENTATIONS}, got {implementation!r}")
-  q, k, v, target, q_ok, k_ok, mask, scale = _prepare(
-    q, k, v, target_entropy, mask, scale, num_iters, query_seq_lengths, key_value_seq_lengths
-  )
-  q_len, kv_len = q.shape[1], k.shape[1]
-  precision = _precision(precision)
-  if implementation == "xla":
-    return dense_attention(
-        q, k, v, target, q_ok, k_ok, mask,
-        is_causal=is_causal, scale=scale, relative=relative, num_iters=num_iters,
-        precision=precision,
-    )  # fmt: skip
-  default_q, default_k, warps, stages = _BLOCKWISE_BLOCKS + (4, 2)
-  if implementation == "pallas":
-    default_q, default_k, warps, stages = pallas_attention.gpu_shape(q.dtype, q.shape[3], precision)
-  cfg = Config(
-    is_causal=is_causal,
-    scale=scale,
-    relative=relative,
-    num_iters=num_iters,
-    block_q=_block_size(block_q, default_q, q_len, implementation, "block_q"),
-    block_k=_block_size(block_k, default_k, kv_len, implementation, "block_k"),
-    interpret=None if interpret is None else bool(interpret),
-    precision=precision,
-    num_warps=warps,
-    num_stages=stages,
-  )
-  engine = BLOCKWISE if implementation == "blockwise" else PALLAS
-  return attention_vjp(engine, cfg, q, k, v, target, q_ok, k_ok, mask)
+  target, spec = _target_spec(
+    "entropy_attention", removed, target_entropy=target_entropy, target_fraction=target_fraction,
+    min_entropy=min_entropy, max_entropy=max_entropy, min_fraction=min_fraction,
+    max_fraction=max_fraction,
+  )  # fmt: skip
+  return _entropy_attention(
+    q, k, v, target, spec=spec, mask=mask, is_causal=is_causal, scale=scale,
+    implementation=implementation, block_q=block_q, block_k=block_k, interpret=interpret,
+    num_iters=num_iters, query_seq_lengths=query_seq_lengths,
+    key_value_seq_lengths=key_value_seq_lengths, precision=precision,
+  )  # fmt: skip
 
 
 def _sharded_engine(mesh: Mesh, axis_name: str, mask_sharded: bool | None) -> Engine:
@@ -308,7 +354,7 @@ def _sharded_engine(mesh: Mesh, axis_name: str, mask_sharded: bool | None) -> En
   static_argnames=(
     "mesh",
     "axis_name",
-    "relative",
+    "spec",
     "is_causal",
     "scale",
     "block_q",
@@ -317,6 +363,35 @@ def _sharded_engine(mesh: Mesh, axis_name: str, mask_sharded: bool | None) -> En
     "precision",
   ),
 )
+def _context_parallel_attention(
+  q, k, v, target, *, mesh, axis_name, spec, mask, is_causal, scale, block_q, block_k,
+  num_iters, query_seq_lengths, key_value_seq_lengths, precision,
+):  # fmt: skip
+  if axis_name not in mesh.shape:
+    raise ValueError(f"axis_name {axis_name!r} is not an axis of the mesh {dict(mesh.shape)}")
+  q, k, v, target, q_ok, k_ok, mask, scale = _prepare(
+    q, k, v, target, spec, mask, scale, num_iters, query_seq_lengths, key_value_seq_lengths
+  )
+  q_len, kv_len = q.shape[1], k.shape[1]
+  shards = mesh.shape[axis_name]
+  if kv_len % shards:
+    raise ValueError(f"kv_len {kv_len} is not a multiple of the {shards} devices of {axis_name!r}")
+  default_q, default_k = _BLOCKWISE_BLOCKS
+  cfg = Config(
+    is_causal=is_causal,
+    scale=scale,
+    relative=_relative(spec),
+    num_iters=num_iters,
+    block_q=_block_size(block_q, default_q, q_len, "blockwise", "block_q"),
+    block_k=_block_size(block_k, default_k, kv_len // shards, "blockwise", "block_k"),
+    axis_name=axis_name,
+    precision=_precision(precision),
+  )
+  mask_sharded = None if mask is None else mask.shape[3] > 1
+  engine = _sharded_engine(mesh, axis_name, mask_sharded)
+  return attention_vjp(engine, cfg, q, k, v, target, q_ok, k_ok, mask)
+
+
 def context_parallel_attention(
   q: ArrayLike,
   k: ArrayLike,
@@ -324,8 +399,12 @@ def context_parallel_attention(
   *,
   mesh: Mesh,
   axis_name: str,
-  target_entropy: ArrayLike,
-  relative: bool = True,
+  target_entropy: ArrayLike | None = None,
+  target_fraction: ArrayLike | None = None,
+  min_entropy: ArrayLike | None = None,
+  max_entropy: ArrayLike | None = None,
+  min_fraction: ArrayLike | None = None,
+  max_fraction: ArrayLike | None = None,
   mask: ArrayLike | None = None,
   is_causal: bool = False,
   scale: float | None = None,
@@ -335,6 +414,7 @@ def context_parallel_attention(
   query_seq_lengths: ArrayLike | None = None,
   key_value_seq_lengths: ArrayLike | None = None,
   precision: jax.lax.Precision | str | None = None,
+  **removed,
 ) -> jax.Array:
   """:func:`entropy_attention` (blockwise) with the keys and values split along the sequence.
 
@@ -345,16 +425,18 @@ def context_parallel_attention(
   the output equals the one-device result. The backward pass is the blockwise one, sharded the
   same way (dq is summed over the devices; dk and dv stay on theirs).
 
-  ``relative=True`` by default, as in :func:`entropy_attention`: ``target_entropy=0.5`` asks for
-  ``H = 0.5 · log(n_valid)`` in every row.
+  The target names its unit as in :func:`entropy_attention`: ``target_fraction=0.5`` asks for
+  ``H = 0.5 · log(n_valid)`` in every row, ``target_entropy=1.5`` for 1.5 nats; entropy bounds
+  work as there.
 
   Example (8 host devices: ``XLA_FLAGS=--xla_force_host_platform_device_count=8``)::
 
     mesh = jax.make_mesh((8,), ("seq",))
-    out = context_parallel_attention(q, k, v, mesh=mesh, axis_name="seq", target_entropy=0.5)
+    out = context_parallel_attention(q, k, v, mesh=mesh, axis_name="seq", target_fraction=0.5)
 
   Args:
-    q, k, v, target_entropy, relative, mask, is_causal, scale, block_q, block_k, num_iters,
+    q, k, v, target_entropy, target_fraction, min_entropy, max_entropy, min_fraction,
+      max_fraction, mask, is_causal, scale, block_q, block_k, num_iters,
       query_seq_lengths, key_value_seq_lengths, precision: as in :func:`entropy_attention`
       (``block_k`` applies to each device's share of the keys).
     mesh: a ``jax.sharding.Mesh`` holding ``axis_name``.
@@ -368,26 +450,14 @@ def context_parallel_attention(
     ValueError: as :func:`entropy_attention`, and for an axis the mesh lacks or a sequence that
       the axis does not divide.
   """
-  if axis_name not in mesh.shape:
-    raise ValueError(f"axis_name {axis_name!r} is not an axis of the mesh {dict(mesh.shape)}")
-  q, k, v, target, q_ok, k_ok, mask, scale = _prepare(
-    q, k, v, target_entropy, mask, scale, num_iters, query_seq_lengths, key_value_seq_lengths
-  )
-  q_len, kv_len = q.shape[1], k.shape[1]
-  shards = mesh.shape[axis_name]
-  if kv_len % shards:
-    raise ValueError(f"kv_len {kv_len} is not a multiple of the {shards} devices of {axis_name!r}")
-  default_q, default_k = _BLOCKWISE_BLOCKS
-  cfg = Config(
-    is_causal=is_causal,
-    scale=scale,
-    relative=relative,
-    num_iters=num_iters,
-    block_q=_block_size(block_q, default_q, q_len, "blockwise", "block_q"),
-    block_k=_block_size(block_k, default_k, kv_len // shards, "blockwise", "block_k"),
-    axis_name=axis_name,
-    precision=_precision(precision),
-  )
-  mask_sharded = None if mask is None else mask.shape[3] > 1
-  engine = _sharded_engine(mesh, axis_name, mask_sharded)
-  return attention_vjp(engine, cfg, q, k, v, target, q_ok, k_ok, mask)
+  target, spec = _target_spec(
+    "context_parallel_attention", removed, target_entropy=target_entropy,
+    target_fraction=target_fraction, min_entropy=min_entropy, max_entropy=max_entropy,
+    min_fraction=min_fraction, max_fraction=max_fraction,
+  )  # fmt: skip
+  return _context_parallel_attention(
+    q, k, v, target, mesh=mesh, axis_name=axis_name, spec=spec, mask=mask, is_causal=is_causal,
+    scale=scale, block_q=block_q, block_k=block_k, num_iters=num_iters,
+    query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
+    precision=precision,
+  )  # fmt: skip

@@ -1,10 +1,10 @@
 """Flax Linen attention with entropy-normalized rows.
 
-``relative=True`` is the default in this module: ``target_entropy`` is a fraction of
-``log(n_valid)`` (the largest entropy a row over ``n_valid`` visible keys can have), unlike the core
-functions (:func:`entnorm_jax.entropy_softmax`), whose default ``relative=False`` reads it in nats.
-``EntropyMultiHeadAttention(num_heads=4, target_entropy=0.5)`` gives every attention row
-``0.5 · log(n_valid)`` nats; ``target_entropy=1.2, relative=False`` gives every row 1.2 nats.
+Targets name their unit: ``EntropyMultiHeadAttention(num_heads=4, target_fraction=0.5)`` (the
+default) gives every attention row ``0.5 · log(n_valid)`` nats (``log(n_valid)`` is the largest
+entropy a row over ``n_valid`` visible keys can have), ``target_entropy=1.2`` gives every row 1.2
+nats, and ``min_entropy`` / ``max_entropy`` (``min_fraction`` / ``max_fraction``) bound the
+entropy instead, leaving rows inside the bounds as plain softmax.
 
 :func:`entropy_dot_product_attention` is a drop-in ``attention_fn`` for Flax's attention modules,
 and :class:`EntropyMultiHeadAttention` is a drop-in for ``flax.linen.MultiHeadDotProductAttention``
@@ -26,7 +26,8 @@ from flax.linen.module import merge_param
 
 from entnorm_jax._src.flax_attention import (
   IMPLEMENTATIONS,
-  check_target,
+  RAW_NAMES,
+  module_targets,
   raw_to_target,
   target_to_raw,
 )
@@ -92,12 +93,13 @@ def _resolve_inputs(inputs_q, inputs_k, inputs_v, inputs_kv):
 
 
 class EntropyMultiHeadAttention(nn.MultiHeadDotProductAttention):
-  """Multi-head dot-product attention whose rows have a prescribed entropy.
+  """Multi-head dot-product attention whose rows have a prescribed entropy (or bounded entropy).
 
-  ``relative=True`` is the default here: ``target_entropy`` is a fraction of ``log(n_valid)``, so
-  ``target_entropy=0.5`` gives every row ``0.5 · log(n_valid)`` nats, unlike the core functions
-  (:func:`entnorm_jax.entropy_softmax`) whose default ``relative=False`` reads it in nats; for
-  nats here, pass e.g. ``target_entropy=1.2, relative=False``.
+  Targets name their unit: ``target_fraction=0.5`` (the default when no target is given) gives
+  every row ``0.5 · log(n_valid)`` nats, ``target_entropy=1.2`` gives every row 1.2 nats, and the
+  bounds ``min_entropy`` / ``max_entropy`` (``min_fraction`` / ``max_fraction``) keep rows whose
+  softmax entropy lies inside them as plain softmax and normalize the others to the bound they
+  cross.
 
   A drop-in for ``flax.linen.MultiHeadDotProductAttention``: the same attributes and call
   signature (masks, dropout, ``decode=True`` caching with or without ``jax_enable_x64``,
@@ -107,55 +109,87 @@ class EntropyMultiHeadAttention(nn.MultiHeadDotProductAttention):
   :func:`entropy_dot_product_attention`); the solve runs in float32 whatever ``dtype`` is.
 
   Attributes:
-    target_entropy: a scalar or one value per head (a fraction of ``log(n_valid)`` with
-      ``relative=True``, else nats). With ``learn_target=True`` it is the initial value.
-    relative: read the target as a fraction of each row's largest entropy ``log(n_valid)``, so
-      causal, padded and differently long rows get comparable targets.
-    learn_target: make the per-head target a parameter ``'target_raw'`` of shape ``[num_heads]``,
-      mapped into its valid range by ``sigmoid`` (relative) or ``softplus`` (nats); its gradient is
-      the implicit derivative of the solve.
+    target_entropy: the target in nats, a scalar or one value per head. With
+      ``learn_target=True`` (this and every target below) it is the initial value.
+    target_fraction: the target as a fraction of each row's largest entropy ``log(n_valid)``, so
+      causal, padded and differently long rows get comparable targets; 0.5 when no target is
+      given.
+    min_entropy: a floor in nats (alone or with a ceiling), instead of an exact target.
+    max_entropy: a ceiling in nats.
+    min_fraction: a floor as a fraction of ``log(n_valid)``.
+    max_fraction: a ceiling as a fraction of ``log(n_valid)``.
+    learn_target: make each given target a per-head parameter of shape ``[num_heads]``
+      (``'target_raw'`` for an exact target, ``'min_raw'`` / ``'max_raw'`` for bounds), mapped
+      into its range by ``softplus`` (nats) or ``sigmoid`` (fractions); its gradient is the
+      implicit derivative of the solve.
     num_iters: solver iterations (static); ``None`` for the core's default.
     implementation: ``"xla"`` (dense weights, every option) or ``"blockwise"`` / ``"pallas"``
       (:func:`entnorm_jax.attention.entropy_attention`; no dropout, bias or ``sow``).
-    attention_fn: the attention function, called with Flax's keywords plus ``target_entropy``,
-      ``relative``, ``num_iters`` and ``implementation`` (each only if its signature accepts it).
+    sow_entropies: sow each row's entropy before normalization (that of ``softmax(s)``) and after
+      it into ``'intermediates'`` as ``'entropy_before'`` and ``'entropy_after'`` (``[batch...,
+      num_heads, q_length]`` nats), to measure a trained model's heads and pick targets from
+      them (``"xla"`` only).
+    relative: removed; setting it raises a ``ValueError`` naming ``target_fraction``.
+    attention_fn: the attention function, called with Flax's keywords plus the target keywords,
+      ``num_iters``, ``implementation`` and ``sow_entropies`` (each only if its signature accepts
+      it).
     The other attributes are those of ``flax.linen.MultiHeadDotProductAttention``.
 
   Examples:
     >>> import jax, jax.numpy as jnp
     >>> from entnorm_jax.linen import EntropyMultiHeadAttention
-    >>> layer = EntropyMultiHeadAttention(num_heads=2, qkv_features=8, target_entropy=0.5)
+    >>> layer = EntropyMultiHeadAttention(num_heads=2, qkv_features=8, target_fraction=0.5)
     >>> x = jax.random.normal(jax.random.key(0), (3, 5, 8))
     >>> variables = layer.init(jax.random.key(1), x)
     >>> layer.apply(variables, x).shape
     (3, 5, 8)
     >>> out, state = layer.apply(variables, x, sow_weights=True, mutable=["intermediates"])
     >>> (w,) = state["intermediates"]["attention_weights"]  # [3, 2, 5, 5]
-    >>> h = -jnp.sum(w * jnp.log(w), axis=-1)  # every row: 0.5 · log(5) nats (relative)
+    >>> h = -jnp.sum(w * jnp.log(w), axis=-1)  # every row: 0.5 · log(5) nats
     >>> bool(jnp.allclose(h, 0.5 * jnp.log(5.0), atol=1e-4))
     True
   """
 
-  target_entropy: float | Sequence[float] = 0.5
-  relative: bool = True
+  target_entropy: float | Sequence[float] | None = None
+  target_fraction: float | Sequence[float] | None = None
+  min_entropy: float | Sequence[float] | None = None
+  max_entropy: float | Sequence[float] | None = None
+  min_fraction: float | Sequence[float] | None = None
+  max_fraction: float | Sequence[float] | None = None
   learn_target: bool = False
   num_iters: int | None = None
   implementation: str = "xla"
+  sow_entropies: bool = False
+  relative: None = None  # removed: raises, naming target_fraction
   attention_fn: Callable[..., jax.Array] = entropy_dot_product_attention
 
-  def _target(self) -> jax.Array:
-    """The per-head (or scalar) target, a parameter when ``learn_target``."""
-    target = check_target(
-      self.target_entropy,
+  def _given_targets(self) -> dict:
+    removed = {} if self.relative is None else {"relative": self.relative}
+    return module_targets(
       num_heads=self.num_heads,
-      relative=self.relative,
       learn=self.learn_target,
+      removed=removed,
+      target_entropy=self.target_entropy,
+      target_fraction=self.target_fraction,
+      min_entropy=self.min_entropy,
+      max_entropy=self.max_entropy,
+      min_fraction=self.min_fraction,
+      max_fraction=self.max_fraction,
     )
-    if not self.learn_target:
-      return jnp.asarray(target)
-    raw = target_to_raw(target, num_heads=self.num_heads, relative=self.relative)
-    raw = self.param("target_raw", lambda _: jnp.asarray(raw, self.param_dtype))
-    return raw_to_target(raw, relative=self.relative)
+
+  def targets(self) -> dict[str, jax.Array]:
+    """The keywords of the rows' target (``{"target_fraction": 0.5}`` by default), each a scalar
+    or ``[num_heads]``; parameters when ``learn_target``."""
+    out = {}
+    for name, value in self._given_targets().items():
+      if not self.learn_target:
+        out[name] = jnp.asarray(value)
+        continue
+      fraction = name.endswith("fraction")
+      init = target_to_raw(value, num_heads=self.num_heads, fraction=fraction)
+      raw = self.param(RAW_NAMES[name], lambda _, r=init: jnp.asarray(r, self.param_dtype))
+      out[name] = raw_to_target(raw, fraction=fraction)
+    return out
 
   def _cached_kv(self, query, key, value, mask):
     """Appends this step's key/value to the decode cache; returns them and the combined mask."""
@@ -196,8 +230,8 @@ class EntropyMultiHeadAttention(nn.MultiHeadDotProductAttention):
   ) -> jax.Array:
     """Applies entropy-normalized multi-head attention.
 
-    The rows' target is ``target_entropy`` as a fraction of ``log(n_valid)`` (``relative=True``,
-    the default here) or in nats (``relative=False``, the core functions' default).
+    The rows' target is the module's (see the class docstring; ``target_fraction=0.5`` when
+    none is given).
 
     Args:
       inputs_q: queries ``[batch..., q_length, features]``.
@@ -275,14 +309,17 @@ class EntropyMultiHeadAttention(nn.MultiHeadDotProductAttention):
       attn_weights_value_einsum=(
         self.attn_weights_value_einsum_cls() if self.attn_weights_value_einsum_cls else None
       ),
-      target_entropy=self._target(),
-      relative=self.relative,
       num_iters=self.num_iters,
       implementation=self.implementation,
+      **self.targets(),
     )
+    if self.sow_entropies:
+      kwargs.update(sow_entropies=True, sow_weights=sow_weights)
     accepted = inspect.signature(self.attention_fn).parameters
+    if self.sow_entropies and "sow_entropies" not in accepted:
+      raise ValueError("sow_entropies=True needs an attention_fn that takes sow_entropies")
     kwargs = {k: v for k, v in kwargs.items() if k in accepted}
-    if sow_weights:
+    if sow_weights or self.sow_entropies:
       kwargs["module"] = self
     x = self.attention_fn(query, key, value, **kwargs)
     return nn.DenseGeneral(

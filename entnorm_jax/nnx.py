@@ -1,10 +1,10 @@
 """Flax NNX attention with entropy-normalized rows.
 
-``relative=True`` is the default in this module: ``target_entropy`` is a fraction of
-``log(n_valid)`` (the largest entropy a row over ``n_valid`` visible keys can have), unlike the core
-functions (:func:`entnorm_jax.entropy_softmax`), whose default ``relative=False`` reads it in nats.
-``EntropyMultiHeadAttention(4, 16, target_entropy=0.5, rngs=rngs)`` gives every attention row
-``0.5 · log(n_valid)`` nats; ``target_entropy=1.2, relative=False`` gives every row 1.2 nats.
+Targets name their unit: ``EntropyMultiHeadAttention(4, 16, target_fraction=0.5, rngs=rngs)`` (the
+default) gives every attention row ``0.5 · log(n_valid)`` nats (``log(n_valid)`` is the largest
+entropy a row over ``n_valid`` visible keys can have), ``target_entropy=1.2`` gives every row 1.2
+nats, and ``min_entropy`` / ``max_entropy`` (``min_fraction`` / ``max_fraction``) bound the
+entropy instead, leaving rows inside the bounds as plain softmax.
 
 :class:`EntropyMultiHeadAttention` is a drop-in for ``flax.nnx.MultiHeadAttention`` (same
 constructor plus the target settings, same parameters when the target is fixed) whose attention rows
@@ -23,7 +23,8 @@ from flax import nnx
 
 from entnorm_jax._src.flax_attention import (
   IMPLEMENTATIONS,
-  check_target,
+  RAW_NAMES,
+  module_targets,
   raw_to_target,
   target_to_raw,
 )
@@ -42,12 +43,13 @@ __all__ = [
 
 
 class EntropyMultiHeadAttention(nnx.MultiHeadAttention):
-  """Multi-head attention whose rows have a prescribed entropy, for Flax NNX.
+  """Multi-head attention whose rows have a prescribed entropy (or bounded entropy), for Flax NNX.
 
-  ``relative=True`` is the default here: ``target_entropy`` is a fraction of ``log(n_valid)``, so
-  ``target_entropy=0.5`` gives every row ``0.5 · log(n_valid)`` nats, unlike the core functions
-  (:func:`entnorm_jax.entropy_softmax`) whose default ``relative=False`` reads it in nats; for
-  nats here, pass e.g. ``target_entropy=1.2, relative=False``.
+  Targets name their unit: ``target_fraction=0.5`` (the default when no target is given) gives
+  every row ``0.5 · log(n_valid)`` nats, ``target_entropy=1.2`` gives every row 1.2 nats, and the
+  bounds ``min_entropy`` / ``max_entropy`` (``min_fraction`` / ``max_fraction``) keep rows whose
+  softmax entropy lies inside them as plain softmax and normalize the others to the bound they
+  cross.
 
   Constructed like ``flax.nnx.MultiHeadAttention`` (every argument is passed on) plus the target
   settings; masks, ``is_causal``, dropout, ``decode`` caching (``init_cache``; with or without
@@ -60,34 +62,44 @@ class EntropyMultiHeadAttention(nnx.MultiHeadAttention):
     num_heads: number of query heads.
     in_features: input features.
     *args: the remaining positional arguments of ``flax.nnx.MultiHeadAttention``.
-    target_entropy: a scalar or one value per head (a fraction of ``log(n_valid)`` with
-      ``relative=True``, else nats); the initial value when ``learn_target``.
-    relative: read the target as a fraction of each row's largest entropy.
-    learn_target: make the per-head target a parameter ``target_raw`` (``[num_heads]``) mapped
-      into range by ``sigmoid`` (relative) or ``softplus`` (nats).
+    target_entropy: the target in nats, a scalar or one value per head; the initial value when
+      ``learn_target`` (as every target below).
+    target_fraction: the target as a fraction of each row's largest entropy ``log(n_valid)``;
+      0.5 when no target is given.
+    min_entropy: a floor in nats (alone or with a ceiling), instead of an exact target.
+    max_entropy: a ceiling in nats.
+    min_fraction: a floor as a fraction of ``log(n_valid)``.
+    max_fraction: a ceiling as a fraction of ``log(n_valid)``.
+    learn_target: make each given target a per-head parameter (``[num_heads]``): ``target_raw``
+      for an exact target, ``min_raw`` / ``max_raw`` for bounds, mapped into range by
+      ``softplus`` (nats) or ``sigmoid`` (fractions).
     num_iters: solver iterations (static); ``None`` for the core's default.
     implementation: ``"xla"`` (dense weights) or ``"blockwise"`` / ``"pallas"``
       (:func:`entnorm_jax.attention.entropy_attention`; no dropout, bias or ``sow``).
-    attention_fn: called with NNX's keywords plus ``target_entropy``, ``relative``,
-      ``num_iters`` and ``implementation``.
+    sow_entropies: sow each row's entropy before normalization (that of ``softmax(s)``) and after
+      it as ``nnx.Intermediate`` ``'entropy_before'`` and ``'entropy_after'`` (``[batch...,
+      num_heads, q_length]`` nats), to measure a trained model's heads (``"xla"`` only).
+    attention_fn: called with NNX's keywords plus the target keywords, ``num_iters`` and
+      ``implementation`` (and ``sow_weights``, ``sow_entropies`` with ``sow_entropies``).
     rngs: the ``nnx.Rngs`` for initialization (and dropout).
     **kwargs: the remaining keyword arguments of ``flax.nnx.MultiHeadAttention``.
 
   Raises:
-    ValueError: for a target of the wrong shape or range, or an unknown ``implementation``.
+    ValueError: for a target of the wrong shape or range (naming its unit), several targets, the
+      removed ``relative=`` (naming ``target_fraction``), or an unknown ``implementation``.
 
   Examples:
     >>> import jax
     >>> from flax import nnx
     >>> from entnorm_jax.nnx import EntropyMultiHeadAttention
-    >>> layer = EntropyMultiHeadAttention(num_heads=2, in_features=8, target_entropy=0.5,
+    >>> layer = EntropyMultiHeadAttention(num_heads=2, in_features=8, target_fraction=0.5,
     ...                                   decode=False, rngs=nnx.Rngs(0))
     >>> x = jax.random.normal(jax.random.key(0), (3, 5, 8))
     >>> layer(x).shape
     (3, 5, 8)
     >>> _, inter = nnx.capture(lambda m, x: m(x, sow_weights=True), nnx.Intermediate)(layer, x)
     >>> (w,) = inter["attention_weights"]  # [3, 2, 5, 5]
-    >>> h = -jax.numpy.sum(w * jax.numpy.log(w), axis=-1)  # 0.5 · log(5) nats (relative)
+    >>> h = -jax.numpy.sum(w * jax.numpy.log(w), axis=-1)  # 0.5 · log(5) nats
     >>> bool(jax.numpy.allclose(h, 0.5 * jax.numpy.log(5.0), atol=1e-4))
     True
   """
@@ -97,41 +109,68 @@ class EntropyMultiHeadAttention(nnx.MultiHeadAttention):
     num_heads: int,
     in_features: int,
     *args,
-    target_entropy: float | Sequence[float] = 0.5,
-    relative: bool = True,
+    target_entropy: float | Sequence[float] | None = None,
+    target_fraction: float | Sequence[float] | None = None,
+    min_entropy: float | Sequence[float] | None = None,
+    max_entropy: float | Sequence[float] | None = None,
+    min_fraction: float | Sequence[float] | None = None,
+    max_fraction: float | Sequence[float] | None = None,
     learn_target: bool = False,
     num_iters: int | None = None,
     implementation: str = "xla",
+    sow_entropies: bool = False,
     attention_fn: Callable[..., jax.Array] = entropy_dot_product_attention,
     rngs: nnx.Rngs,
     **kwargs,
   ):
+    given = module_targets(
+      num_heads=num_heads,
+      learn=learn_target,
+      removed={n: kwargs.pop(n) for n in ("relative",) if n in kwargs},
+      target_entropy=target_entropy,
+      target_fraction=target_fraction,
+      min_entropy=min_entropy,
+      max_entropy=max_entropy,
+      min_fraction=min_fraction,
+      max_fraction=max_fraction,
+    )
     super().__init__(num_heads, in_features, *args, attention_fn=attention_fn, rngs=rngs, **kwargs)
     if implementation not in IMPLEMENTATIONS:
       raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
-    target = check_target(
-      target_entropy, num_heads=num_heads, relative=relative, learn=learn_target
-    )
-    self.relative = relative
     self.learn_target = learn_target
     self.num_iters = num_iters
     self.implementation = implementation
+    self.sow_entropies = sow_entropies
+    self.target_names = tuple(given)  # static: the keywords of the target
+    # static (hashable) values: a float, or a tuple of floats (one per head); None when learned
+    self.target_values = None
     if learn_target:
-      raw = target_to_raw(target, num_heads=num_heads, relative=relative)
-      self.target_raw = nnx.Param(jnp.asarray(raw, self.param_dtype))
-      self.target_entropy = None
+      for name, value in given.items():
+        raw = target_to_raw(value, num_heads=num_heads, fraction=name.endswith("fraction"))
+        setattr(self, RAW_NAMES[name], nnx.Param(jnp.asarray(raw, self.param_dtype)))
     else:
-      # static (hashable): a float, or a tuple of floats (one per head)
-      self.target_entropy = tuple(target.tolist()) if target.ndim else float(target)
+      self.target_values = tuple(v.tolist() if v.ndim else float(v) for v in given.values())
+      self.target_values = tuple(tuple(v) if isinstance(v, list) else v for v in self.target_values)
+
+  def targets(self) -> dict[str, jax.Array]:
+    """The keywords of the rows' target (``{"target_fraction": 0.5}`` by default), each a scalar
+    or ``[num_heads]``: the parameters' current values when ``learn_target``."""
+    if self.learn_target:
+      return {
+        name: raw_to_target(getattr(self, RAW_NAMES[name])[...], fraction=name.endswith("fraction"))
+        for name in self.target_names
+      }
+    return {n: jnp.asarray(v) for n, v in zip(self.target_names, self.target_values, strict=True)}
 
   def target(self) -> jax.Array:
-    """The current target: a scalar or ``[num_heads]``.
+    """The exact target (in the unit its keyword names), a scalar or ``[num_heads]``.
 
-    A fraction of ``log(n_valid)`` with ``relative=True`` (the default here), else nats.
+    Raises:
+      ValueError: for a module with entropy bounds (see :meth:`targets`).
     """
-    if self.learn_target:
-      return raw_to_target(self.target_raw[...], relative=self.relative)
-    return jnp.asarray(self.target_entropy)
+    if len(self.target_names) != 1 or not self.target_names[0].startswith("target"):
+      raise ValueError(f"the module has bounds {self.target_names}, not one target: use targets()")
+    return self.targets()[self.target_names[0]]
 
   def _cached_kv(self, key, value, mask):
     """Appends this step's key/value to the decode cache; returns them and the combined mask."""
@@ -171,8 +210,8 @@ class EntropyMultiHeadAttention(nnx.MultiHeadAttention):
   ) -> jax.Array:
     """Applies entropy-normalized multi-head attention.
 
-    The rows' target is ``target_entropy`` as a fraction of ``log(n_valid)`` (``relative=True``,
-    the default here) or in nats (``relative=False``, the core functions' default).
+    The rows' target is the module's (see the class docstring; ``target_fraction=0.5`` when
+    none is given).
 
     Args:
       inputs_q: queries ``[batch..., q_length, in_features]``.
@@ -235,11 +274,11 @@ class EntropyMultiHeadAttention(nnx.MultiHeadAttention):
       deterministic=deterministic,
       dtype=self.dtype,
       precision=self.precision,
-      module=self if sow_weights else None,
+      module=self if sow_weights or self.sow_entropies else None,
       is_causal=is_causal,
-      target_entropy=self.target(),
-      relative=self.relative,
       num_iters=self.num_iters,
       implementation=self.implementation,
+      **self.targets(),
+      **({"sow_weights": sow_weights, "sow_entropies": True} if self.sow_entropies else {}),
     )
     return self.out(x, **out)

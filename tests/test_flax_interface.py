@@ -165,7 +165,7 @@ def natural_attention(query, key, value, bias=None, mask=None, **kwargs):
     einsum=kwargs.get("qk_attn_weights_einsum"),
   )
   return enn.entropy_dot_product_attention(
-    query, key, value, bias, mask, target_entropy=plain_entropy(plain), relative=False, **kwargs
+    query, key, value, bias, mask, target_entropy=plain_entropy(plain), **kwargs
   )
 
 
@@ -335,7 +335,7 @@ def test_linen_and_nnx_modules_agree(key):
     out_features=6,
     normalize_qk=True,
     precision=jax.lax.Precision.HIGHEST,
-    target_entropy=(0.3, 0.7),
+    target_fraction=(0.3, 0.7),
   )
   linen_layer = enn.EntropyMultiHeadAttention(num_heads=2, **kwargs)
   nnx_layer = ennx.EntropyMultiHeadAttention(2, 3, **kwargs, decode=False, rngs=nnx.Rngs(0))
@@ -351,4 +351,4 @@ def test_linen_and_nnx_modules_agree(key):
 
 
 def kwargs_without_target(kwargs):
-  return {k: v for k, v in kwargs.items() if k != "target_entropy"}
+  return {k: v for k, v in kwargs.items() if k != "target_fraction"}

@@ -19,10 +19,11 @@ from flax import linen as nn
 from jax.test_util import check_grads
 
 from entnorm_jax import linen as enn
+from entnorm_jax._src.targets import KEYWORDS
 
 B, L, F, H = 2, 7, 16, 4
-TARGETS = (0.15, 0.4, 0.6, 0.9)  # relative, one per head
-LAYER = enn.EntropyMultiHeadAttention(num_heads=H, qkv_features=F, target_entropy=TARGETS)
+TARGETS = (0.15, 0.4, 0.6, 0.9)  # fractions of log(n_valid), one per head
+LAYER = enn.EntropyMultiHeadAttention(num_heads=H, qkv_features=F, target_fraction=TARGETS)
 
 
 @jax.jit
@@ -48,8 +49,9 @@ def natural_attention(query, key, value, bias=None, mask=None, **kwargs):
   """Entropy attention whose target is the entropy plain softmax already has (so γ* = 1)."""
   plain = nn.dot_product_attention_weights(query, key, bias, mask)
   target = -jnp.sum(jax.scipy.special.xlogy(plain, plain), axis=-1)
+  kwargs = {k: v for k, v in kwargs.items() if k not in KEYWORDS}  # the module's target
   return enn.entropy_dot_product_attention(
-    query, key, value, bias, mask, target_entropy=target, relative=False, **kwargs
+    query, key, value, bias, mask, target_entropy=target, **kwargs
   )
 
 
@@ -87,7 +89,7 @@ def test_parameter_tree_is_flax_and_checkpoints_move(setup):
   x, _, kp = setup
   kwargs = dict(num_heads=H, qkv_features=F, out_features=12, normalize_qk=True)
   flax_mha = nn.MultiHeadDotProductAttention(**kwargs)
-  ours = enn.EntropyMultiHeadAttention(**kwargs, target_entropy=TARGETS)
+  ours = enn.EntropyMultiHeadAttention(**kwargs, target_fraction=TARGETS)
   flax_vars = jax.eval_shape(flax_mha.init, kp, x)
   our_vars = jax.eval_shape(ours.init, kp, x)
   assert flax_vars == our_vars  # same tree, shapes and dtypes
@@ -119,11 +121,12 @@ def test_masked_keys_equal_sliced_keys_and_masked_rows_have_zero_gradient(key):
   mask = jnp.broadcast_to(keep, (1, 2, 6, 6)).at[:, :, 2].set(False)  # query 2 sees nothing
 
   def loss(q, k, v, mask):
-    out = enn.entropy_dot_product_attention(q, k, v, mask=mask, target_entropy=0.3)
+    out = enn.entropy_dot_product_attention(q, k, v, mask=mask, target_fraction=0.3)
     return jnp.sum(jnp.sin(out)), out
 
   grads, masked = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v, mask)
-  sliced = jax.jit(enn.entropy_dot_product_attention)(q, k[:, keep], v[:, keep], target_entropy=0.3)
+  attend = jax.jit(enn.entropy_dot_product_attention)
+  sliced = attend(q, k[:, keep], v[:, keep], target_fraction=0.3)
   rows = np.arange(6) != 2
   np.testing.assert_allclose(masked[:, rows], sliced[:, rows], atol=1e-6)
   np.testing.assert_array_equal(masked[:, 2], 0.0)
@@ -138,7 +141,7 @@ def test_gradients_match_finite_differences_float64(key):
     mask = jnp.tril(jnp.ones((4, 4), bool))
     target = jnp.array([0.4, 0.7], jnp.float64)
     f = jax.jit(enn.entropy_dot_product_attention)
-    g = lambda q, k, v, target: f(q, k, v, mask=mask, target_entropy=target)
+    g = lambda q, k, v, target: f(q, k, v, mask=mask, target_fraction=target)
     check_grads(g, (q, k, v, target), order=1, modes=("rev",), atol=1e-5, rtol=1e-5)
 
 
@@ -151,7 +154,7 @@ class TinyLM(nn.Module):
   def __call__(self, tokens):
     x = nn.Embed(self.vocab, F)(tokens)
     attn = enn.EntropyMultiHeadAttention(
-      num_heads=H, qkv_features=F, learn_target=True, target_entropy=TARGETS
+      num_heads=H, qkv_features=F, learn_target=True, target_fraction=TARGETS
     )
     x = x + attn(nn.LayerNorm()(x), mask=nn.make_causal_mask(tokens))
     x = x + nn.Dense(F)(nn.gelu(nn.Dense(2 * F)(nn.LayerNorm()(x))))
@@ -294,7 +297,7 @@ def test_works_as_the_attention_fn_of_flax_modules(setup):
   flax_mha = nn.MultiHeadDotProductAttention(
     num_heads=H,
     qkv_features=F,
-    attention_fn=functools.partial(enn.entropy_dot_product_attention, target_entropy=TARGETS),
+    attention_fn=functools.partial(enn.entropy_dot_product_attention, target_fraction=TARGETS),
   )
   mask = padding_causal_mask([L, 5])
   expected, _ = apply_layer(variables, x, mask)
@@ -304,10 +307,12 @@ def test_works_as_the_attention_fn_of_flax_modules(setup):
 @pytest.mark.parametrize(
   "kwargs, match",
   [
-    (dict(target_entropy=(0.1, 0.2)), "shape"),
-    (dict(target_entropy=1.5), r"\[0, 1\]"),
-    (dict(target_entropy=1.0, learn_target=True), r"\(0, 1\)"),
-    (dict(target_entropy=-0.1, relative=False), ">= 0"),
+    (dict(target_fraction=(0.1, 0.2)), "shape"),
+    (dict(target_fraction=1.5), r"fraction of log\(n_valid\).*\[0, 1\].*target_entropy="),
+    (dict(target_fraction=1.0, learn_target=True), r"in \(0, 1\)"),
+    (dict(target_entropy=-0.1), r"in nats and must be >= 0.*target_fraction="),
+    (dict(target_entropy=0.5, relative=True), "relative= was removed.*target_fraction="),
+    (dict(target_entropy=0.5, target_fraction=0.5), "exactly one"),
     (dict(implementation="cuda"), "implementation"),
   ],
 )

@@ -27,11 +27,12 @@ def _rel(a, b) -> float:
 def _out_and_grads(q, k, v, target, cotangent, mask, q_lengths, kv_lengths, kw):
   """Output and the vjp of a random cotangent w.r.t. q, k, v and the target, in one compile."""
   kw = dict(kw)
+  unit = "target_fraction" if kw.pop("fraction") else "target_entropy"
 
   def f(q, k, v, target):
     return ena.entropy_attention(
-        q, k, v, target_entropy=target, mask=mask, query_seq_lengths=q_lengths,
-        key_value_seq_lengths=kv_lengths, **kw,
+        q, k, v, mask=mask, query_seq_lengths=q_lengths, key_value_seq_lengths=kv_lengths,
+        **kw, **{unit: target},
     )  # fmt: skip
 
   out, pull = jax.vjp(f, q, k, v, target)
@@ -50,8 +51,8 @@ def _inputs(rng, batch, q_len, kv_len, heads, kv_heads, dim, dtype=np.float32):
 # below divides them; case "gqa" has a batch with no valid key at all, case "mask" a fully masked
 # query row and a per-row absolute target.
 _CASES = {
-  "gqa": ((3, 37, 37, 4, 2, 8), dict(is_causal=True, relative=True)),
-  "mask": ((1, 23, 41, 2, 1, 16), dict(is_causal=False, relative=False)),
+  "gqa": ((3, 37, 37, 4, 2, 8), dict(is_causal=True, fraction=True)),
+  "mask": ((1, 23, 41, 2, 1, 16), dict(is_causal=False, fraction=False)),
 }
 
 
@@ -120,7 +121,7 @@ def test_rows_have_the_target_entropy(rng):
   f = jax.jit(
     functools.partial(
       ena.entropy_attention,
-      target_entropy=target,
+      target_fraction=target,
       is_causal=True,
       implementation="blockwise",
       block_q=8,
@@ -172,7 +173,7 @@ def test_bfloat16_inputs(rng):
 def test_pallas_kernels_lower_to_triton():
   """The kernels compile for GPUs, not just interpret: lowering for CUDA runs on any machine and
   goes through Pallas' Triton lowering of every primitive in the five kernels. By default
-  (``interpret=None``) the choice is the lowering platform's, so this CPU exports compiled kernels."""
+  (``interpret=None``) the choice is the lowering platform's, so a CPU exports compiled kernels."""
   from jax import export
 
   q = jax.ShapeDtypeStruct((1, 100, 4, 32), jnp.bfloat16)
@@ -181,7 +182,7 @@ def test_pallas_kernels_lower_to_triton():
 
   def loss(q, k, v, mask):
     out = ena.entropy_attention(
-      q, k, v, target_entropy=0.5, mask=mask, is_causal=True, implementation="pallas",
+      q, k, v, target_fraction=0.5, mask=mask, is_causal=True, implementation="pallas",
       query_seq_lengths=jnp.array([90]),
     )  # fmt: skip
     return jnp.sum(out.astype(jnp.float32))
@@ -220,7 +221,7 @@ def test_blockwise_never_forms_the_score_matrix():
 
   def loss(q, k, v):
     out = ena.entropy_attention(
-        q, k, v, target_entropy=0.5, is_causal=True, implementation="blockwise",
+        q, k, v, target_fraction=0.5, is_causal=True, implementation="blockwise",
         block_q=block, block_k=block,
     )  # fmt: skip
     return jnp.sum(out)
@@ -234,14 +235,18 @@ def test_blockwise_never_forms_the_score_matrix():
   [
     (dict(implementation="flash"), "implementation"),
     (dict(mask=jnp.ones((2, 5), bool)), "mask"),
-    (dict(target_entropy=jnp.ones(3)), "target_entropy"),
+    (dict(target_entropy=jnp.ones(3)), r"target_entropy.*\(3,\)"),
+    (dict(target_entropy=jnp.ones((4, 10))), "target_entropy of shape"),
+    (dict(target_fraction=2.0), r"fraction of log\(n_valid\).*\[0, 1\].*target_entropy="),
+    (dict(target_entropy=-1.0), r"in nats.*>= 0.*target_fraction="),
+    (dict(target_entropy=0.5, relative=True), "relative= was removed.*target_fraction="),
     (dict(implementation="pallas", block_q=24), "power of two"),
     (dict(key_value_seq_lengths=jnp.ones(3, int)), "key_value_seq_lengths"),
   ],
 )
 def test_static_misuse_raises(kwargs, match):
   q = jnp.ones((1, 6, 2, 4))
-  kw = dict(target_entropy=0.5) | kwargs
+  kw = (dict(target_entropy=0.5) | kwargs) if "target_fraction" not in kwargs else kwargs
   with pytest.raises(ValueError, match=match):
     ena.entropy_attention(q, q, q, **kw)
   kv = jnp.ones((1, 6, 3, 4))
@@ -275,7 +280,7 @@ def test_benchmark_runs_tiny():
 def test_float32_stays_float32_under_x64(implementation):
   q = jnp.ones((1, 16, 2, 8), jnp.float32)
   attend = lambda q: ena.entropy_attention(
-    q, q, q, target_entropy=0.5, implementation=implementation, is_causal=True
+    q, q, q, target_fraction=0.5, implementation=implementation, is_causal=True
   )
   with float64():
     assert float64_arrays(attend, q) == []

@@ -14,6 +14,7 @@ from flax import nnx
 from flax.nnx.nn.attention import dot_product_attention_weights
 
 from entnorm_jax import nnx as ennx
+from entnorm_jax._src.targets import KEYWORDS
 
 B, L, F, H = 2, 6, 16, 4
 TARGETS = (0.2, 0.45, 0.6, 0.85)
@@ -28,7 +29,8 @@ def natural_attention(query, key, value, mask=None, is_causal=False, **kwargs):
   """Entropy attention with the target plain softmax already has (γ* = 1)."""
   plain = dot_product_attention_weights(query, key, mask=mask, is_causal=is_causal)
   target = -jnp.sum(jax.scipy.special.xlogy(plain, plain), axis=-1)
-  kwargs.update(target_entropy=target, relative=False)
+  kwargs = {k: v for k, v in kwargs.items() if k not in KEYWORDS}  # the module's target
+  kwargs.update(target_entropy=target)
   return ennx.entropy_dot_product_attention(
     query, key, value, mask=mask, is_causal=is_causal, **kwargs
   )
@@ -69,7 +71,7 @@ def test_parameters_are_flax_and_outputs_match_at_natural_entropy(x):
 
 def test_grouped_query_heads_causal_padding_rows_hit_targets(x):
   layer = ennx.EntropyMultiHeadAttention(
-    H, F, num_kv_heads=2, target_entropy=TARGETS, decode=False, rngs=nnx.Rngs(0)
+    H, F, num_kv_heads=2, target_fraction=TARGETS, decode=False, rngs=nnx.Rngs(0)
   )
   mask = padding_mask([L, 4])
 
@@ -90,7 +92,7 @@ def test_grouped_query_heads_causal_padding_rows_hit_targets(x):
 
 
 def test_decode_cache_matches_the_causal_call(x):
-  layer = ennx.EntropyMultiHeadAttention(H, F, target_entropy=0.6, decode=False, rngs=nnx.Rngs(0))
+  layer = ennx.EntropyMultiHeadAttention(H, F, target_fraction=0.6, decode=False, rngs=nnx.Rngs(0))
   full = nnx.jit(lambda m, x: m(x, is_causal=True))(layer, x)
   layer.init_cache(x.shape)
   step = nnx.jit(lambda m, token: m(token, decode=True))
@@ -131,7 +133,7 @@ def test_nnx_jit_adamw_step_with_learned_target_and_dropout(x):
         H,
         F,
         learn_target=True,
-        target_entropy=TARGETS,
+        target_fraction=TARGETS,
         dropout_rate=0.2,
         decode=False,
         rngs=rngs,
@@ -176,8 +178,11 @@ def test_works_as_the_attention_fn_of_flax_nnx_module(x):
 @pytest.mark.parametrize(
   "kwargs, match",
   [
-    (dict(target_entropy=(0.1, 0.2)), "shape"),
-    (dict(target_entropy=0.0, learn_target=True), r"\(0, 1\)"),
+    (dict(target_fraction=(0.1, 0.2)), "shape"),
+    (dict(target_fraction=0.0, learn_target=True), r"in \(0, 1\)"),
+    (dict(target_fraction=2.0), r"fraction of log\(n_valid\).*\[0, 1\].*target_entropy="),
+    (dict(target_entropy=-1.0), r"in nats and must be >= 0.*target_fraction="),
+    (dict(target_entropy=0.5, relative=True), "relative= was removed.*target_fraction="),
     (dict(implementation="triton"), "implementation"),
   ],
 )

@@ -173,12 +173,10 @@ def test_entropy_hits_target_per_row(rng):
 
   @jax.jit
   def spellings(z, where, fraction, log_n):
-    relative = ens.process_logits(
-      z, method="entropy", where=where, target_entropy=fraction, relative=True
-    )
+    relative = ens.process_logits(z, method="entropy", where=where, target_fraction=fraction)
     nats = ens.entropy_logits(z, fraction * log_n, where=where)
     perplexity = ens.process_logits(z, where=where, perplexity=jnp.exp(fraction * log_n))
-    ceiling = ens.process_logits(z, where=where, target_entropy=fraction * log_n, ceiling=True)
+    ceiling = ens.process_logits(z, where=where, max_entropy=fraction * log_n)
     return relative, nats, perplexity, ceiling
 
   out, nats, perplexity, ceiling = spellings(z, where, fraction, log_n)
@@ -272,6 +270,10 @@ def test_mirostat_update_rule(rng, key):
     ("entropy", {}, ValueError),
     ("entropy", {"perplexity": 0.5}, ValueError),
     ("entropy", {"target_entropy": -0.1}, ValueError),
+    ("entropy", {"target_fraction": 1.5}, ValueError),
+    ("entropy", {"target_entropy": 1.0, "relative": True}, ValueError),
+    ("entropy", {"max_entropy": 1.0, "ceiling": True}, ValueError),
+    ("entropy", {"target_entropy": 1.0, "max_entropy": 2.0}, ValueError),
     ("temperature", {"temperature": 0.0}, ValueError),
     ("min_p", {"min_p": -0.1}, ValueError),
     ("typical", {"typical_p": np.array([0.5, 1.2])}, ValueError),

@@ -41,7 +41,7 @@ heads = nn.with_partitioning(nn.initializers.lecun_normal(), (None, "model", Non
 # No biases: the key bias's gradient is zero up to rounding, which adam's first step (about
 # lr · sign(g)) would turn into differences of 2·lr between any two runs.
 module = enn.EntropyMultiHeadAttention(
-  num_heads=4, qkv_features=32, target_entropy=0.5, kernel_init=heads, learn_target=True,
+  num_heads=4, qkv_features=32, target_fraction=0.5, kernel_init=heads, learn_target=True,
   use_bias=False,
 )
 mask = nn.make_causal_mask(jnp.ones(x.shape[:2]))
@@ -76,7 +76,7 @@ from entnorm_jax import nnx as ennx
 heads = nnx.with_partitioning(nnx.initializers.lecun_normal(), (None, "model", None))
 with jax.set_mesh(mesh):  # NNX creates the annotated variables sharded
   module = ennx.EntropyMultiHeadAttention(
-    num_heads=4, in_features=32, target_entropy=0.5, kernel_init=heads, use_bias=False,
+    num_heads=4, in_features=32, target_fraction=0.5, kernel_init=heads, use_bias=False,
     rngs=nnx.Rngs(2), decode=False,
   )
 mask = nnx.make_causal_mask(jnp.ones(x.shape[:2]))
@@ -125,23 +125,24 @@ d_out = jax.random.normal(keys[4], q.shape)
 mask = jax.random.bernoulli(keys[5], 0.8, (2, 1, 48, 64))
 lengths = dict(key_value_seq_lengths=jnp.array([64, 21]), query_seq_lengths=jnp.array([48, 30]))
 cases = {
-  "plain": dict(target_entropy=target),
-  "causal, padded": dict(target_entropy=target, is_causal=True, **lengths),
-  "mask, absolute": dict(mask=mask, relative=False, target_entropy=jnp.full((2, 4, 48), 1.5)),
+  "plain": dict(target_fraction=target),
+  "causal, padded": dict(target_fraction=target, is_causal=True, **lengths),
+  "mask, absolute": dict(mask=mask, target_entropy=jnp.full((2, 4, 48), 1.5)),
 }
 for name, kw in cases.items():
-  tgt = kw.pop("target_entropy")
+  unit = "target_fraction" if "target_fraction" in kw else "target_entropy"
+  tgt = kw.pop(unit)
   # The same blockwise computation on one device is the reference (same float32 rounding); the
   # sharded one runs 8 shards of 8 keys (two key blocks of 4 each). The dense computation checks
   # the outputs too.
   one = lambda q, k, v, t: en.entropy_attention(
-    q, k, v, target_entropy=t, implementation="blockwise", block_q=16, block_k=4, **kw
+    q, k, v, implementation="blockwise", block_q=16, block_k=4, **kw, **{unit: t}
   )
   many = lambda q, k, v, t: en.context_parallel_attention(
-    q, k, v, mesh=seq_mesh, axis_name="seq", target_entropy=t, block_q=16, block_k=4, **kw
+    q, k, v, mesh=seq_mesh, axis_name="seq", block_q=16, block_k=4, **kw, **{unit: t}
   )
   dense = jax.jit(lambda q, k, v, t: en.entropy_attention(
-    q, k, v, target_entropy=t, implementation="xla", **kw
+    q, k, v, implementation="xla", **kw, **{unit: t}
   ))(q, k, v, tgt)
   assert "psum" in str(jax.make_jaxpr(many)(q, k, v, tgt))
   out = jax.jit(many)(q, k, v, tgt)

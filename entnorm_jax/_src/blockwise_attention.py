@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from entnorm_jax._src.moments import Moments, RowStats, moments_from_sums
-from entnorm_jax._src.solver import entropy_bounds, inside, solve, start
+from entnorm_jax._src.solver import entropy_bounds, goal, solve, start
 
 
 class Config(NamedTuple):
@@ -45,7 +45,9 @@ class Config(NamedTuple):
 
   is_causal: bool
   scale: float
-  relative: bool
+  # Whether the target is a fraction of log(n_valid) (else nats): one flag for an exact target, a
+  # (floor, ceiling) pair for entropy bounds (targets are then ``[..., 2]``).
+  relative: bool | tuple[bool, bool]
   num_iters: int | None  # None: adaptive
   block_q: int
   block_k: int
@@ -70,7 +72,9 @@ class Rows(NamedTuple):
     denom: ``l = Σ_j exp(γ* d_j)``, the softmax denominator at the fixed shift.
     mean: ``m = E_P[d]``.
     var: ``V = Var_P[d]``.
-    free: whether the target lies strictly inside (log m, log n), so γ* moves with it.
+    free: int32, which target γ* moves with (:attr:`entnorm_jax._src.solver.Goal.which`): 1 the
+      exact target or the floor, 2 the ceiling, 0 none (a row inside its bounds, a target clamped
+      to an edge, a NaN target).
     log_n: log of the number of valid keys (the scale of a relative target).
   """
 
@@ -199,37 +203,44 @@ def moments_finalize(acc: MomentAcc, gamma, center, n_ties) -> Moments:
   return moments_from_sums(acc.s0, acc.s1, acc.s2, acc.s3, gamma, center, n_ties)
 
 
-def solve_rows(stats_pass: Callable, moments_pass: Callable, target, relative: bool, num_iters):
+def solve_rows(stats_pass: Callable, moments_pass: Callable, target, relative, num_iters):
   """The core's solve (:func:`entnorm_jax._src.solver.solve`) driven by blockwise passes.
 
   Args:
     stats_pass: ``() -> (zmax, RowStats)``.
     moments_pass: ``(gamma, center, zmax, n_ties) -> Moments`` (all four sums: every evaluation
       here is a full one, since a sweep over key blocks costs the same either way).
-    target: per-row target (nats, or a fraction of log n with ``relative``).
-    relative: read ``target`` as a fraction of log(n_valid).
+    target: per-row target (nats, or a fraction of log n with ``relative``), or ``[..., 2]``
+      (floor, ceiling) entropy bounds: then one more moments pass at γ = 1 gives each row's own
+      entropy, and rows inside their bounds keep γ = 1 (plain softmax attention).
+    relative: read ``target`` as a fraction of log(n_valid): a bool, or a (floor, ceiling) pair.
     num_iters: ``None`` (adaptive) or the number of Halley-type steps.
 
   Returns:
     ``(zmax, gamma, center, free, log_n)`` per row; ``center`` is the mean at γ, a good
-    centring point for the final pass.
+    centring point for the final pass; ``free`` as :attr:`Rows.free`.
   """
   zmax, stats = stats_pass()
   target = jax.lax.stop_gradient(target)
   bounds = entropy_bounds(stats, zmax.dtype)
-  if relative:
-    target = target * bounds.log_n
-  free = inside(bounds, target)
-  every = jnp.ones(target.shape, bool)
+  relative = jnp.asarray(relative)
+  bounded = relative.ndim == 1
+  natural = held = None
+  if bounded:
+    one = jnp.ones_like(zmax)
+    natural = moments_pass(one, stats.mean, zmax, stats.n_ties)
+  aim = goal(target, relative, bounds, None if natural is None else natural.entropy)
+  if bounded:
+    held = (aim.held, 1.0, natural.mean)
+  every = jnp.ones(zmax.shape, bool)
 
   def evaluate(gamma, center, mode, aux):
     return moments_pass(gamma, center, zmax, stats.n_ties), every, aux
 
-  gamma, center, _ = solve(
-    bounds, *start(stats, bounds, target), evaluate, None, num_iters=num_iters
-  )
+  first = start(stats, bounds, aim.nats, *(held or ()))
+  gamma, center, _ = solve(bounds, *first, evaluate, None, num_iters=num_iters)
   center = jnp.where(jnp.isfinite(center), center, 0.0)
-  return zmax, gamma, center, free, bounds.log_n
+  return zmax, gamma, center, aim.which, bounds.log_n
 
 
 # ----------------------------------------------------------------------------------------------
@@ -319,11 +330,20 @@ def _attention_bwd(engine, cfg, res, d_out):
   delta = jnp.einsum("bqhd,bqhd->bhq", d_out, out)
   d_gamma = jnp.einsum("bqhd,bqhd->bhq", d_out, cov)
   denom = rows.gamma * rows.var
-  free = rows.free & (denom > 0)
+  free = (rows.free != 0) & (denom > 0)
   coef = jnp.where(free, d_gamma / jnp.where(free, rows.var, 1.0), 0.0)
-  d_target = jnp.where(free, -d_gamma / jnp.where(free, denom, 1.0), 0.0)
-  if cfg.relative:
-    d_target = d_target * rows.log_n
+  d_nats = jnp.where(free, -d_gamma / jnp.where(free, denom, 1.0), 0.0)
+  if isinstance(cfg.relative, tuple):  # bounds: the cotangent goes to the bound the row follows
+    per_bound = zip((1, 2), cfg.relative, strict=True)
+    d_target = jnp.stack(
+      [
+        jnp.where(rows.free == k, d_nats, 0.0) * (rows.log_n if unit else 1.0)
+        for k, unit in per_bound
+      ],
+      axis=-1,
+    )
+  else:
+    d_target = d_nats * rows.log_n if cfg.relative else d_nats
   dq, dk, dv = engine.backward(cfg, q, k, v, q_ok, k_ok, mask, rows, coef, delta, d_out)
   return (
     dq.astype(q.dtype),
@@ -464,7 +484,7 @@ def _blockwise_forward(cfg: Config, q, k, v, target, q_ok, k_ok, mask):
   n_q, n_k = x.q.shape[1] // cfg.block_q, x.k.shape[1] // cfg.block_k
   dtype = x.q.dtype
   target = pad_axis(jnp.asarray(target, dtype), 2, n_q * cfg.block_q)
-  target = target.reshape(batch, kv_heads, groups, -1)
+  target = target.reshape(batch, kv_heads, groups, *target.shape[2:])  # [..., 2] for bounds
   row_shape = (batch, kv_heads, groups, cfg.block_q)
   prec = cfg.precision
   offset = key_offset(cfg, k.shape[1])

@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 
 from entnorm_jax._src.blockwise_attention import block_valid, compute_dtype
-from entnorm_jax._src.functions import entropy_softmax
+from entnorm_jax._src.functions import _entropy_softmax
+from entnorm_jax._src.targets import Spec
 
 
 def dense_attention(
@@ -25,7 +26,7 @@ def dense_attention(
   *,
   is_causal: bool,
   scale: float,
-  relative: bool,
+  spec: Spec,
   num_iters: int,
   precision: jax.lax.Precision | None = None,
 ) -> jax.Array:
@@ -33,10 +34,12 @@ def dense_attention(
 
   Args:
     q: ``[batch, q_len, heads, dim]``; k, v: ``[batch, kv_len, kv_heads, dim]``.
-    target: ``[batch, heads, q_len]`` targets (nats, or fractions of log n with ``relative``).
+    target: ``[batch, heads, q_len]`` targets, ``[..., 2]`` (floor, ceiling) for bounds, in the
+      units ``spec`` names.
     q_ok: ``[batch, q_len]`` valid query rows; k_ok: ``[batch, kv_len]`` valid keys.
     mask: ``None`` or a boolean ``[batch|1, heads|1, q_len|1, kv_len|1]``.
-    is_causal, scale, relative, num_iters, precision: as in ``entropy_attention``.
+    spec: the target's keywords and units (:class:`entnorm_jax._src.targets.Spec`).
+    is_causal, scale, num_iters, precision: as in ``entropy_attention``.
 
   Returns:
     ``[batch, q_len, heads, dim]`` in the dtype of ``q``.
@@ -53,7 +56,8 @@ def dense_attention(
     jnp.arange(q_len), jnp.arange(kv_len), q_ok[:, None, :], k_ok[:, None, :], mask, is_causal
   )
   valid = jnp.broadcast_to(valid, s.shape)
-  p = entropy_softmax(s, target, where=valid, relative=relative, num_iters=num_iters)
+  per_row = (target[..., 0], target[..., 1]) if spec.bounded else target
+  p = _entropy_softmax(s, per_row, -1, valid, spec=spec, num_iters=num_iters, implementation=None)
   p = p.reshape(batch, kv_heads, groups, q_len, kv_len)
   out = jnp.einsum("bhgqk,bkhd->bqhgd", p, v.astype(dtype), precision=prec)
   return out.reshape(batch, q_len, heads, dim).astype(q.dtype)

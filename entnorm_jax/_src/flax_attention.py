@@ -1,17 +1,17 @@
 """Entropy-normalized dot-product attention shared by the Linen and NNX modules.
 
-Here ``relative=True`` is the default: ``target_entropy`` is a fraction of ``log(n_valid)``, the
-largest entropy a row over ``n_valid`` visible keys can have (``0.5`` gives every row
-``0.5 · log(n_valid)`` nats). The core functions (:func:`entnorm_jax.entropy_softmax` and friends)
-default to ``relative=False``, a target in nats; pass ``relative=False`` here for nats too, e.g.
-``entropy_dot_product_attention(q, k, v, target_entropy=1.2, relative=False)``.
+Targets name their unit, as in the core functions: ``target_fraction=f`` gives every row
+``f · log(n_valid)`` nats (``log(n_valid)`` is the largest entropy a row over ``n_valid`` visible
+keys can have), ``target_entropy=1.2`` gives every row 1.2 nats, and the bounds ``min_entropy`` /
+``max_entropy`` (``min_fraction`` / ``max_fraction``) leave rows whose softmax entropy lies inside
+them as plain softmax attention. With no target named, the default is ``target_fraction=0.5``.
 
 Each query row of the attention matrix gets a prescribed Shannon entropy: with logits
 ``s_k = q·k_k / sqrt(d) + b_k`` over the keys the query may see (``mask`` True, causal),
 
     a = softmax(γ* · s),      γ* >= 0 such that H(a) = -Σ_k a_k log a_k = H_target,
 
-and the output is ``Σ_k a_k v_k``. With ``relative=True`` the target is a fraction ``r`` of the
+and the output is ``Σ_k a_k v_k``. With ``target_fraction`` the target is a fraction ``r`` of the
 largest entropy the row can have, ``H_target = r · log(n_valid)``, so causal rows, padded rows and
 different sequence lengths all get a comparable target. γ* comes from the core solver
 (:func:`entnorm_jax.entropy_softmax`) and is differentiated implicitly, so gradients reach the
@@ -39,7 +39,9 @@ from flax import linen, nnx
 from flax.nnx.nn import dtypes as nnx_dtypes
 from jax.typing import ArrayLike
 
-from entnorm_jax._src.functions import entropy_softmax
+from entnorm_jax._src import targets
+from entnorm_jax._src.functions import _entropy_softmax, entropy
+from entnorm_jax._src.targets import Spec
 
 IMPLEMENTATIONS = ("xla", "blockwise", "pallas")
 
@@ -110,30 +112,16 @@ def _check_shapes(query: jax.Array, key: jax.Array, value: jax.Array | None = No
     )
 
 
-def attention_target(target_entropy: ArrayLike, num_heads: int) -> jax.Array:
-  """The target as an array broadcastable to ``[batch..., num_heads, q_length]``.
+def attention_spec(where: str, removed: dict, **keywords) -> tuple[object, Spec]:
+  """The target of an attention call (``target_fraction=0.5`` when none is named)."""
+  targets.reject_removed(removed, where)
+  return targets.parse(where, default="target_fraction", default_value=0.5, **keywords)
 
-  Args:
-    target_entropy: a scalar, one value per head (shape ``[num_heads]``), or an array broadcastable
-      to ``[batch..., num_heads, q_length]``.
-    num_heads: number of query heads.
 
-  Returns:
-    An array (cast to the solve's dtype later): scalars stay scalars, per-head values get shape
-    ``[num_heads, 1]``.
-
-  Raises:
-    ValueError: if a one-dimensional target does not have ``num_heads`` entries.
-  """
-  target = jnp.asarray(target_entropy)
-  if target.ndim == 1:
-    if target.shape[0] not in (1, num_heads):
-      raise ValueError(
-        f"a per-head target_entropy needs {num_heads} values (one per head), got shape "
-        f"{target.shape}"
-      )
-    target = target[:, None]
-  return target
+def _keywords(target, spec: Spec) -> dict[str, object]:
+  """The keywords that name ``target`` (the inverse of :func:`attention_spec`)."""
+  values = target if spec.bounded else (target,)
+  return dict(zip(spec.names, values, strict=True))
 
 
 def _valid_mask(
@@ -148,7 +136,7 @@ def _valid_mask(
   return valid
 
 
-def _row_entropy_softmax(logits, valid, target, relative, num_iters):
+def _row_entropy_softmax(logits, valid, target, spec: Spec, num_iters):
   """:func:`entropy_softmax` over the last axis, with the rows flattened to one batch axis.
 
   On XLA:CPU the solve and its derivative run faster over ``[rows, k]`` than over
@@ -159,17 +147,33 @@ def _row_entropy_softmax(logits, valid, target, relative, num_iters):
   rows = (math.prod(shape[:-1]), shape[-1])
   if valid is not None:
     valid = jnp.broadcast_to(valid, shape).reshape(rows)
-  target = jnp.broadcast_to(target, shape[:-1]).reshape(rows[:1])
+  target = target.reshape(rows[0], *target.shape[len(shape) - 1 :])  # [rows] or [rows, 2]
+  per_row = (target[:, 0], target[:, 1]) if spec.bounded else target
   logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32)).reshape(rows)
-  weights = entropy_softmax(logits, target, where=valid, relative=relative, num_iters=num_iters)
+  weights = _entropy_softmax(
+    logits, per_row, -1, valid, spec=spec, num_iters=num_iters, implementation=None
+  )
   return weights.reshape(shape)
 
 
-def _sow(module, weights: jax.Array) -> None:
+def _sow(module, name: str, value: jax.Array) -> None:
   if isinstance(module, linen.Module):
-    module.sow("intermediates", "attention_weights", weights)
+    module.sow("intermediates", name, value)
   else:
-    module.sow(nnx.Intermediate, "attention_weights", weights)
+    module.sow(nnx.Intermediate, name, value)
+
+
+def _sow_entropies(module, logits, valid, weights) -> None:
+  """Sows each row's entropy (nats) before (``softmax(s)``) and after normalization, as
+  ``'entropy_before'`` and ``'entropy_after'`` of shape ``[batch..., num_heads, q_length]``."""
+  logits, weights = jax.lax.stop_gradient((logits, weights))
+  if valid is not None:
+    valid = jnp.broadcast_to(valid, logits.shape)
+  logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+  weights = weights.astype(logits.dtype)
+  after = -jnp.sum(jnp.where(weights > 0, weights * jnp.log(weights), 0.0), axis=-1)
+  _sow(module, "entropy_before", entropy(logits, -1, valid))
+  _sow(module, "entropy_after", after)
 
 
 def entropy_attention_weights(
@@ -187,20 +191,26 @@ def entropy_attention_weights(
   *,
   force_fp32_for_softmax: bool = False,
   is_causal: bool = False,
-  target_entropy: ArrayLike = 0.5,
-  relative: bool = True,
+  target_entropy: ArrayLike | None = None,
+  target_fraction: ArrayLike | None = None,
+  min_entropy: ArrayLike | None = None,
+  max_entropy: ArrayLike | None = None,
+  min_fraction: ArrayLike | None = None,
+  max_fraction: ArrayLike | None = None,
   num_iters: int | None = None,
   einsum_dot_general: Callable[..., jax.Array] | None = None,
   einsum: Callable[..., jax.Array] | None = None,
   promote_dtype: Callable[..., tuple[jax.Array, ...]] = nnx_dtypes.promote_dtype,
+  sow_weights: bool = True,
+  sow_entropies: bool = False,
+  **removed,
 ) -> jax.Array:
-  """Entropy-normalized attention weights: every query row has entropy ``target_entropy``.
+  """Entropy-normalized attention weights: every query row has a prescribed entropy.
 
-  ``relative=True`` is the default here: ``target_entropy`` is a fraction of ``log(n_valid)``
-  (``n_valid``: the keys the query may see), unlike the core functions
-  (:func:`entnorm_jax.entropy_softmax`) whose default ``relative=False`` reads it in nats. So
-  ``target_entropy=0.5`` gives each row ``0.5 · log(n_valid)`` nats; for nats here, pass
-  ``relative=False``.
+  The target names its unit: ``target_fraction=f`` (the default, ``f = 0.5``) gives each row
+  ``f · log(n_valid)`` nats (``n_valid``: the keys the query may see), ``target_entropy`` is in
+  nats, and the bounds ``min_entropy`` / ``max_entropy`` (``min_fraction`` / ``max_fraction``)
+  keep rows whose softmax entropy lies inside them as plain softmax.
 
   Like ``flax.linen.dot_product_attention_weights`` with the softmax replaced by
   ``softmax(γ*·s)`` (γ* per row, solved in float32 or float64) so that each row has the target
@@ -222,26 +232,38 @@ def entropy_attention_weights(
     dtype: dtype of the computation (default: promoted from the inputs); the solve itself runs in
       at least float32.
     precision: ``jax.lax.Precision`` of the einsum.
-    module: Linen or NNX module to ``sow`` the weights into (``'intermediates'`` /
-      ``nnx.Intermediate``, name ``'attention_weights'``), or ``None``.
+    module: Linen or NNX module to ``sow`` into (``'intermediates'`` / ``nnx.Intermediate``), or
+      ``None``: the weights as ``'attention_weights'`` (with ``sow_weights``), the entropies
+      with ``sow_entropies``.
     force_fp32_for_softmax: return the weights in float32 instead of ``dtype``.
     is_causal: also mask keys after the query position (``tril``).
-    target_entropy: a fraction of ``log(n_valid)`` (default, ``relative=True``) or nats: a
-      scalar, one value per head (``[num_heads]``) or an array broadcastable to
-      ``[batch..., num_heads, q_length]``.
-    relative: read ``target_entropy`` as a fraction of each row's largest entropy (default True).
+    target_entropy: the target in nats: a scalar, one value per head (``[num_heads]``) or an
+      array broadcastable to ``[batch..., num_heads, q_length]``.
+    target_fraction: the target as a fraction in [0, 1] of ``log(n_valid)``, shaped as
+      ``target_entropy``; the default (0.5) when no target is named.
+    min_entropy: a floor in nats (instead of an exact target; alone or with a ceiling).
+    max_entropy: a ceiling in nats. Rows whose softmax entropy lies inside the bounds keep
+      ``softmax(s)``; the others are normalized to the bound they cross.
+    min_fraction: a floor as a fraction of ``log(n_valid)``.
+    max_fraction: a ceiling as a fraction of ``log(n_valid)``.
     num_iters: solver iterations (static); ``None`` for the core's default.
     einsum_dot_general: the ``dot_general`` of the default einsum (as in Flax).
     einsum: replacement for ``jnp.einsum`` in the query-key product (AQT hook); as in Flax,
       exclusive with ``precision`` and ``einsum_dot_general``.
     promote_dtype: as in ``flax.nnx.dot_product_attention_weights``: called as
       ``promote_dtype((query, key), dtype=dtype)``, returns the arrays to compute with.
+    sow_weights: with ``module``, sow the weights (``'attention_weights'``), as Flax does.
+    sow_entropies: with ``module``, sow each row's entropy before normalization (that of
+      ``softmax(s)``) and after, as ``'entropy_before'`` and ``'entropy_after'``
+      (``[batch..., num_heads, q_length]``, nats): what a trained model's heads do, to pick
+      targets from.
 
   Returns:
     Weights ``[batch..., num_heads, q_length, kv_length]``.
 
   Raises:
-    ValueError: for inconsistent shapes, a per-head target of the wrong length, or ``einsum``
+    ValueError: for inconsistent shapes, a per-head target of the wrong length, several targets,
+      a concrete target with no meaning in its unit, the removed ``relative=``, or ``einsum``
       together with ``precision``/``einsum_dot_general``.
     TypeError: for complex query, key or bias.
 
@@ -249,14 +271,19 @@ def entropy_attention_weights(
     >>> import jax, jax.numpy as jnp
     >>> from entnorm_jax.linen import entropy_attention_weights
     >>> q, k = jax.random.normal(jax.random.key(0), (2, 1, 5, 2, 8))
-    >>> w = entropy_attention_weights(q, k, target_entropy=0.5)  # relative: 0.5 · log(5) nats
+    >>> w = entropy_attention_weights(q, k, target_fraction=0.5)  # 0.5 · log(5) nats
     >>> h = -jnp.sum(w * jnp.log(w), axis=-1)
     >>> bool(jnp.allclose(h, 0.5 * jnp.log(5.0), atol=1e-4))
     True
-    >>> w = entropy_attention_weights(q, k, target_entropy=1.2, relative=False)  # nats
+    >>> w = entropy_attention_weights(q, k, target_entropy=1.2)  # nats
     >>> bool(jnp.allclose(-jnp.sum(w * jnp.log(w), axis=-1), 1.2, atol=1e-4))
     True
   """
+  target, spec = attention_spec(
+    "entropy_attention_weights", removed, target_entropy=target_entropy,
+    target_fraction=target_fraction, min_entropy=min_entropy, max_entropy=max_entropy,
+    min_fraction=min_fraction, max_fraction=max_fraction,
+  )  # fmt: skip
   if (precision or einsum_dot_general) and einsum:
     raise ValueError(
       "precision/einsum_dot_general and einsum are mutually exclusive. Please specify only one "
@@ -280,12 +307,15 @@ def entropy_attention_weights(
   if bias is not None:
     logits = logits + bias
   valid = _valid_mask(mask, is_causal, logits.shape)
-  target = attention_target(target_entropy, heads)
-  weights = _row_entropy_softmax(logits, valid, target, relative, num_iters)
+  solve_dtype = jnp.promote_types(logits.dtype, jnp.float32)
+  target = targets.per_row(target, spec, logits.shape[:-1], solve_dtype, heads=heads)
+  weights = _row_entropy_softmax(logits, valid, target, spec, num_iters)
+  if module is not None and sow_entropies:
+    _sow_entropies(module, logits, valid, weights)
   if not force_fp32_for_softmax:
     weights = weights.astype(dtype)
-  if module is not None:
-    _sow(module, weights)
+  if module is not None and sow_weights:
+    _sow(module, "attention_weights", weights)
   if not deterministic and dropout_rate > 0.0:
     keep_prob = 1.0 - dropout_rate
     shape = (1,) * (weights.ndim - 2) + weights.shape[-2:] if broadcast_dropout else weights.shape
@@ -294,28 +324,35 @@ def entropy_attention_weights(
   return weights
 
 
-def _kernel_attention(
-  query, key, value, mask, is_causal, target, relative, num_iters, impl, precision
-):
+def _kernel_attention(query, key, value, mask, is_causal, target, spec, num_iters, impl, precision):
   """Calls :func:`entnorm_jax.attention.entropy_attention` (one batch axis) on Flax's layout."""
-  from entnorm_jax.attention import entropy_attention
+  from entnorm_jax.attention import _entropy_attention
 
   *batch, q_len, heads, _ = query.shape
   rows = math.prod(batch)
-  target = jnp.broadcast_to(target, (*batch, heads, q_len)).reshape(rows, heads, q_len)
+  solve_dtype = jnp.promote_types(query.dtype, jnp.float32)
+  target = targets.per_row(target, spec, (*batch, heads, q_len), solve_dtype, heads=heads)
+  target = target.reshape(rows, heads, q_len, *target.shape[len(batch) + 2 :])
+  per_row = (target[..., 0], target[..., 1]) if spec.bounded else target
   if mask is not None:
     mask = jnp.asarray(mask).astype(bool)
     if len(batch) != 1:
       full = (*batch, heads, q_len, key.shape[-3])
       mask = jnp.broadcast_to(mask, full).reshape(rows, *full[-3:])
-  out = entropy_attention(
+  out = _entropy_attention(
     *(x.reshape(rows, *x.shape[-3:]) for x in (query, key, value)),
-    target_entropy=target,
-    relative=relative,
+    per_row,
+    spec=spec,
     mask=mask,
     is_causal=is_causal,
+    scale=None,
     implementation=impl,
+    block_q=None,
+    block_k=None,
+    interpret=None,
     num_iters=num_iters,
+    query_seq_lengths=None,
+    key_value_seq_lengths=None,
     precision=precision,
   )
   return out.reshape(*batch, q_len, heads, value.shape[-1])
@@ -341,21 +378,27 @@ def entropy_dot_product_attention(
   qk_attn_weights_einsum: Callable[..., jax.Array] | None = None,
   attn_weights_value_einsum: Callable[..., jax.Array] | None = None,
   promote_dtype: Callable[..., tuple[jax.Array, ...]] = nnx_dtypes.promote_dtype,
-  target_entropy: ArrayLike = 0.5,
-  relative: bool = True,
+  target_entropy: ArrayLike | None = None,
+  target_fraction: ArrayLike | None = None,
+  min_entropy: ArrayLike | None = None,
+  max_entropy: ArrayLike | None = None,
+  min_fraction: ArrayLike | None = None,
+  max_fraction: ArrayLike | None = None,
   num_iters: int | None = None,
   implementation: str = "xla",
+  sow_weights: bool = True,
+  sow_entropies: bool = False,
+  **removed,
 ) -> jax.Array:
   """Dot-product attention whose rows have a prescribed entropy; a drop-in ``attention_fn``.
 
-  ``relative=True`` is the default here: ``target_entropy`` is a fraction of ``log(n_valid)``
-  (``n_valid``: the keys the query may see), unlike the core functions
-  (:func:`entnorm_jax.entropy_softmax`) whose default ``relative=False`` reads it in nats. So
-  ``target_entropy=0.5`` gives each row ``0.5 · log(n_valid)`` nats, and
-  ``target_entropy=1.2, relative=False`` gives each row 1.2 nats.
+  The target names its unit: ``target_fraction=0.5`` (the default) gives each row
+  ``0.5 · log(n_valid)`` nats (``n_valid``: the keys the query may see), ``target_entropy=1.2``
+  gives each row 1.2 nats, and bounds (``min_entropy`` / ``max_entropy``, ``min_fraction`` /
+  ``max_fraction``) leave rows whose softmax entropy lies inside them as plain softmax.
 
   ``out[q] = Σ_k a_qk v_k`` with ``a_q = softmax(γ*_q · s_q)``, ``s_qk = q·k / sqrt(depth) + b_qk``
-  and γ*_q >= 0 chosen so that ``H(a_q) = H_target`` (``relative=True``: ``r · log(n_valid)``).
+  and γ*_q >= 0 chosen so that ``H(a_q) = H_target`` (``target_fraction=r``: ``r · log(n_valid)``).
   See :func:`entropy_attention_weights` for masks, dropout, ``sow`` and grouped-query heads. Works
   as ``attention_fn`` of ``flax.linen.MultiHeadDotProductAttention`` (which filters keywords by
   signature) and of ``flax.nnx.MultiHeadAttention`` (which passes ``is_causal`` unfiltered), and
@@ -374,13 +417,15 @@ def entropy_dot_product_attention(
       Flax, the two overrides come together and exclude ``precision`` and ``einsum_dot_general``.
     promote_dtype: as in ``flax.nnx.dot_product_attention``: called as
       ``promote_dtype((query, key, value), dtype=dtype)``, returns the arrays to compute with.
-    target_entropy: a fraction of ``log(n_valid)`` (default, ``relative=True``) or nats: a scalar,
-      ``[num_heads]``, or broadcastable to ``[batch..., num_heads, q_length]``.
-    relative: read ``target_entropy`` as a fraction of each row's largest entropy (default True).
+    target_entropy, target_fraction, min_entropy, max_entropy, min_fraction, max_fraction: the
+      target or bounds, as in :func:`entropy_attention_weights` (default ``target_fraction=0.5``).
     num_iters: solver iterations (static); ``None`` for the core's default.
     implementation: ``"xla"`` materializes the weights (all options supported); ``"blockwise"`` and
       ``"pallas"`` call :func:`entnorm_jax.attention.entropy_attention`, which never forms the
       full matrix (no bias, dropout, ``sow`` or einsum overrides there).
+    sow_weights: with ``module``, sow the weights (as Flax does).
+    sow_entropies: with ``module``, sow each row's entropy before and after normalization (see
+      :func:`entropy_attention_weights`); ``"xla"`` only.
 
   Returns:
     ``[batch..., q_length, num_heads, v_depth]``.
@@ -395,11 +440,16 @@ def entropy_dot_product_attention(
     >>> import jax, jax.numpy as jnp
     >>> from entnorm_jax.linen import entropy_dot_product_attention
     >>> q, k, v = jax.random.normal(jax.random.key(0), (3, 2, 5, 4, 8))
-    >>> entropy_dot_product_attention(q, k, v, target_entropy=0.5).shape  # 0.5 · log(5) nats
+    >>> entropy_dot_product_attention(q, k, v, target_fraction=0.5).shape  # 0.5 · log(5) nats
     (2, 5, 4, 8)
-    >>> entropy_dot_product_attention(q, k, v, target_entropy=1.2, relative=False).shape  # nats
+    >>> entropy_dot_product_attention(q, k, v, target_entropy=1.2).shape  # nats
     (2, 5, 4, 8)
   """
+  target, spec = attention_spec(
+    "entropy_dot_product_attention", removed, target_entropy=target_entropy,
+    target_fraction=target_fraction, min_entropy=min_entropy, max_entropy=max_entropy,
+    min_fraction=min_fraction, max_fraction=max_fraction,
+  )  # fmt: skip
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
   _check_einsum_overrides(
@@ -420,9 +470,8 @@ def entropy_dot_product_attention(
     used = [name for name, on in unsupported.items() if on]
     if used:
       raise ValueError(f"implementation={implementation!r} does not support {', '.join(used)}")
-    target = attention_target(target_entropy, query.shape[-2])
     return _kernel_attention(
-      query, key, value, mask, is_causal, target, relative, num_iters, implementation, precision
+      query, key, value, mask, is_causal, target, spec, num_iters, implementation, precision
     )
   weights = entropy_attention_weights(
     query,
@@ -438,12 +487,13 @@ def entropy_dot_product_attention(
     module,
     force_fp32_for_softmax=force_fp32_for_softmax,
     is_causal=is_causal,
-    target_entropy=target_entropy,
-    relative=relative,
     num_iters=num_iters,
     einsum_dot_general=einsum_dot_general,
     einsum=qk_attn_weights_einsum,
     promote_dtype=promote_dtype,
+    sow_weights=sow_weights,
+    sow_entropies=sow_entropies,
+    **_keywords(target, spec),
   )
   *batch, heads, q_len, kv_len = weights.shape
   kv_heads = value.shape[-2]
@@ -455,35 +505,67 @@ def entropy_dot_product_attention(
   return out.reshape(*batch, q_len, heads, value.shape[-1])
 
 
-def check_target(target_entropy, *, num_heads: int, relative: bool, learn: bool) -> np.ndarray:
-  """Validates a module's target and returns it as float32 of shape ``()`` or ``[num_heads]``.
+# Parameter names of learned targets; the exact target keeps the name it had before bounds.
+RAW_NAMES = {
+  "target_entropy": "target_raw",
+  "target_fraction": "target_raw",
+  "min_entropy": "min_raw",
+  "min_fraction": "min_raw",
+  "max_entropy": "max_raw",
+  "max_fraction": "max_raw",
+}
+
+
+def module_targets(
+  *, num_heads: int, learn: bool, removed: dict | None = None, **keywords
+) -> dict[str, np.ndarray]:
+  """Validates a module's target keywords; returns ``{keyword: float32 () or [num_heads]}``.
+
+  The rules of :func:`entnorm_jax._src.targets.parse` (exactly one exact target, or bounds; units
+  checked), ``target_fraction=0.5`` when none is given, and for a module: each value a scalar or
+  one per head, not NaN, and strictly inside its range when learned (a fraction in (0, 1), nats
+  ``> 0``: the parameterizations' images).
 
   Raises:
-    ValueError: for a target of the wrong shape or outside its range (relative: ``[0, 1]``,
-      learned relative: ``(0, 1)``; absolute: ``>= 0``, learned absolute: ``> 0``).
+    ValueError: for a removed keyword (``relative=``), several targets, a value of the wrong shape
+      or outside its unit's range.
   """
-  target = np.asarray(target_entropy, np.float32)
-  if target.ndim > 1 or (target.ndim == 1 and target.shape[0] != num_heads):
-    raise ValueError(
-      f"target_entropy must be a scalar or have shape ({num_heads},) (one per head), got shape "
-      f"{target.shape}"
-    )
-  low_ok = target > 0 if learn else target >= 0
-  high_ok = (target < 1 if learn else target <= 1) if relative else np.ones_like(low_ok)
-  if not np.all(low_ok & high_ok):
-    bounds = ("(0, 1)" if learn else "[0, 1]") if relative else ("> 0" if learn else ">= 0")
-    kind = "relative" if relative else "absolute"
-    raise ValueError(f"{kind} target_entropy must be {bounds}, got {target_entropy}")
-  return target
+  if removed:
+    targets.reject_removed(removed, "EntropyMultiHeadAttention")
+  # one target or bounds, units checked
+  targets.parse("EntropyMultiHeadAttention", "target_fraction", 0.5, **keywords)
+  given = {n: v for n, v in keywords.items() if v is not None} or {"target_fraction": 0.5}
+  out = {}
+  for name, value in given.items():
+    v = np.asarray(value, np.float32)
+    if v.ndim > 1 or (v.ndim == 1 and v.shape[0] != num_heads):
+      raise ValueError(
+        f"{name} must be a scalar or have shape ({num_heads},) (one per head), got shape {v.shape}"
+      )
+    fraction = name.endswith("fraction")
+    if learn:
+      ok = (v > 0) & (v < 1) if fraction else (v > 0) & np.isfinite(v)
+    else:
+      ok = ~np.isnan(v)
+    if not np.all(ok):
+      unit = "a fraction of log(n_valid)" if fraction else "in nats"
+      need = ("in (0, 1)" if fraction else "finite and > 0") if learn else "a number"
+      other = targets.other_unit(name)
+      raise ValueError(
+        f"{name} is {unit} and must be {need}{' to be learned' if learn else ''}, got {value}; "
+        f"for the other unit use {other}="
+      )
+    out[name] = v
+  return out
 
 
-def target_to_raw(target: np.ndarray, *, num_heads: int, relative: bool) -> np.ndarray:
+def target_to_raw(target: np.ndarray, *, num_heads: int, fraction: bool) -> np.ndarray:
   """Inverse of :func:`raw_to_target`: the unconstrained per-head parameter for ``target``."""
   target = np.broadcast_to(np.asarray(target, np.float64), (num_heads,))
-  raw = np.log(target) - np.log1p(-target) if relative else np.log(np.expm1(target))
+  raw = np.log(target) - np.log1p(-target) if fraction else np.log(np.expm1(target))
   return raw.astype(np.float32)
 
 
-def raw_to_target(raw: jax.Array, *, relative: bool) -> jax.Array:
-  """Smooth map from the parameter to a valid target: sigmoid (relative) or softplus (nats)."""
-  return jax.nn.sigmoid(raw) if relative else jax.nn.softplus(raw)
+def raw_to_target(raw: jax.Array, *, fraction: bool) -> jax.Array:
+  """Smooth map from the parameter to a valid target: sigmoid (a fraction) or softplus (nats)."""
+  return jax.nn.sigmoid(raw) if fraction else jax.nn.softplus(raw)

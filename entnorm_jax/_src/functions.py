@@ -6,7 +6,10 @@ Entropy normalization maps logits ``z`` (or a distribution ``p = softmax(z)``) t
 
 which keeps the order of the entries, keeps zeros at zero, and sets the Shannon entropy to any
 target between log m (m = number of entries tied at the maximum) and log n (n = number of valid
-entries). Targets outside that range are clamped to it.
+entries). Targets outside that range are clamped to it. Every target says its unit (see
+:mod:`entnorm_jax._src.targets`): ``target_entropy`` in nats, ``target_fraction`` a fraction of
+log(n_valid), or entropy bounds (``min_entropy`` / ``max_entropy``, ``min_fraction`` /
+``max_fraction``) that leave a row inside them as its plain softmax.
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
+from entnorm_jax._src import targets
 from entnorm_jax._src.moments import shift_rows
 from entnorm_jax._src.normalize import IMPLEMENTATIONS, Config, Solution, solve_rows
+from entnorm_jax._src.targets import Spec
 
 __all__ = [
   "entropy",
@@ -32,8 +37,9 @@ __all__ = [
   "solve_gamma",
 ]
 
-# Shape the computation, so static under jit; ``relative`` is arithmetic and may be traced.
-_STATIC = ("axis", "num_iters", "implementation")
+# Shape the computation, so static under jit; the target's values may be traced, its unit (the
+# keyword it came by) is static.
+_STATIC = ("axis", "spec", "num_iters", "implementation")
 
 
 def canonicalize_axis(axis: int, ndim: int) -> int:
@@ -80,31 +86,24 @@ def _config(num_iters, implementation) -> Config:
   return Config(num_iters, implementation)
 
 
-def _solve(x, where, target_entropy, relative, cfg: Config):
-  """Solves the rows of ``x`` (normalized axis last); returns the :class:`Solution` in its shape."""
+def _solve(x, where, target, spec: Spec, cfg: Config):
+  """Solves the rows of ``x`` (normalized axis last); returns the :class:`Solution` in its shape
+  (``target_scale`` with a trailing axis of 2 for bounds)."""
   batch = x.shape[:-1]
-  target = jnp.asarray(target_entropy)
-  if np.broadcast_shapes(target.shape, batch) != tuple(batch):
-    raise ValueError(
-      f"target_entropy of shape {target.shape} does not broadcast to the batch shape "
-      f"{tuple(batch)} (logits' shape without the normalized axis)"
-    )
-  relative = jnp.asarray(relative)
-  if relative.shape != () or relative.dtype != bool:
-    raise TypeError(
-      f"relative must be a boolean scalar, got {relative.dtype}{list(relative.shape)}"
-    )
+  target = targets.per_row(target, spec, batch, x.dtype)
   n = x.shape[-1]
-  target = jnp.broadcast_to(target.astype(x.dtype), batch)
   if n == 0:  # an empty distribution: nothing to solve (softmax over it is empty too)
-    return Solution(x, jnp.zeros(batch, x.dtype), jnp.zeros(batch, x.dtype))
+    return Solution(x, jnp.zeros(batch, x.dtype), jnp.zeros(target.shape, x.dtype))
   # The solve sees plain [rows, n]: XLA's CPU reductions are markedly slower on higher-rank rows.
   rows = lambda a: None if a is None else a.reshape(-1, n)
-  sol = solve_rows(rows(x), rows(where), target.reshape(-1), relative, cfg)
-  return Solution(sol.probs.reshape(x.shape), *(a.reshape(batch) for a in sol[1:]))
+  per_row = target.reshape(-1, *target.shape[len(batch) :])
+  sol = solve_rows(rows(x), rows(where), per_row, spec.relative(), cfg)
+  return Solution(
+    sol.probs.reshape(x.shape), sol.gamma.reshape(batch), sol.target_scale.reshape(target.shape)
+  )
 
 
-def _from_logits(logits, where, axis, target_entropy, relative, num_iters, implementation):
+def _from_logits(logits, where, axis, target, spec, num_iters, implementation):
   """``(x, where, solution, axis, dtype)`` with the normalized axis last."""
   logits = jnp.asarray(logits)
   if jnp.issubdtype(logits.dtype, jnp.complexfloating):
@@ -112,7 +111,7 @@ def _from_logits(logits, where, axis, target_entropy, relative, num_iters, imple
   axis = canonicalize_axis(axis, logits.ndim)
   where = _mask(where, logits.shape, axis)
   x = jnp.moveaxis(logits, axis, -1).astype(_compute_dtype(logits.dtype))
-  sol = _solve(x, where, target_entropy, relative, _config(num_iters, implementation))
+  sol = _solve(x, where, target, spec, _config(num_iters, implementation))
   return x, where, sol, axis, _output_dtype(logits.dtype)
 
 
@@ -161,58 +160,62 @@ def entropy(logits: ArrayLike, axis: int = -1, where: ArrayLike | None = None) -
   return h.astype(_output_dtype(logits.dtype))
 
 
+def _target(where: str, removed: dict, **keywords) -> tuple[object, Spec]:
+  """The call's target and its :class:`Spec` (see :mod:`entnorm_jax._src.targets`)."""
+  targets.reject_removed(removed, where)
+  return targets.parse(where, **keywords)
+
+
 @functools.partial(jax.jit, static_argnames=_STATIC)
+def _solve_gamma(logits, target, axis, where, *, spec, num_iters, implementation):
+  _, _, sol, _, dtype = _from_logits(logits, where, axis, target, spec, num_iters, implementation)
+  return sol.gamma.astype(dtype)
+
+
 def solve_gamma(
   logits: ArrayLike,
-  target_entropy: ArrayLike,
+  target_entropy: ArrayLike | None = None,
   axis: int = -1,
   where: ArrayLike | None = None,
   *,
-  relative: bool = False,
+  target_fraction: ArrayLike | None = None,
+  min_entropy: ArrayLike | None = None,
+  max_entropy: ArrayLike | None = None,
+  min_fraction: ArrayLike | None = None,
+  max_fraction: ArrayLike | None = None,
   num_iters: int | None = None,
   implementation: str | None = None,
+  **removed,
 ) -> jax.Array:
-  """The inverse temperature γ* >= 0 with H(softmax(γ*·logits)) = target_entropy.
+  """The inverse temperature γ* >= 0 with H(softmax(γ*·logits)) = H_t.
 
-  ``target_entropy`` is in nats (``relative=False``, the default) or, with ``relative=True``, a
-  fraction of each row's maximum entropy log(n_valid): ``solve_gamma(z, 0.5, relative=True)``.
+  ``target_entropy`` is in nats; ``target_fraction=f`` asks for ``H_t = f · log(n_valid)``; the
+  bounds ``min_entropy`` / ``max_entropy`` (``min_fraction`` / ``max_fraction``) give γ* = 1 for
+  rows already inside them. Name exactly one target (or bounds).
 
   Targets at or above log(n_valid) give γ* = 0 (uniform). Targets at or below log(m), m the number
   of entries tied at the maximum, give the smallest γ at which softmax(γ·logits) is the uniform
   distribution over the argmax set in the working precision (float32: ``110 / gap``, float64:
   ``750 / gap``, gap the distance from the maximum to the next value). Rows with no valid entry
-  give 0; rows with a valid NaN give NaN.
+  give 0; rows with a valid NaN, or a NaN target, give NaN.
 
   γ* is differentiable by the implicit function theorem (never through the iterations):
 
     ∂γ*/∂z_i = -γ* q_i (z_i - m) / V,     ∂γ*/∂H_t = -1 / (γ* V),
 
   with q = softmax(γ*·z), m and V the mean and variance of z under q; the derivative is 0 where
-  the target is clamped.
+  the target is clamped, and for rows inside their bounds.
 
   Args:
     logits: array of logits; ``-inf`` entries are masked.
-    target_entropy: target in nats (or a fraction of log(n_valid) with ``relative=True``), a
-      scalar or an array broadcastable to the batch shape (``logits.shape`` without ``axis``).
-    axis: the axis holding each distribution.
-    where: optional boolean mask broadcastable to ``logits``; False entries are excluded.
-    relative: read ``target_entropy`` as a fraction of each row's maximum entropy log(n_valid)
-      (default ``False``: nats); a boolean, which may be traced.
-    num_iters: ``None`` (default) iterates each block of rows until every row is within
-      2e-6·max(1, log n) nats of its target (1e-12 in float64); an int k runs exactly k
-      Halley-type steps (static).
-    implementation: ``None`` picks by platform: ``"tiled"`` on CPUs (rows solved in cache-sized
-      blocks), ``"pallas"`` on CUDA GPUs (one fused kernel solving each block of rows on chip),
-      ``"xla"`` elsewhere (whole-array passes). A forced ``"pallas"`` is compiled by Triton on
-      GPUs, interpreted on CPUs (slow: for tests), and falls back to ``"xla"`` on TPUs and for
-      rows longer than 16384. All give the same answers.
+    target_entropy, axis, where, target_fraction, min_entropy, max_entropy, min_fraction,
+      max_fraction, num_iters, implementation: as in :func:`entropy_softmax`.
 
   Returns:
     γ*, of shape ``logits.shape`` without ``axis``, in the dtype of ``logits``.
 
   Raises:
-    ValueError: for a bad axis, ``num_iters`` or ``implementation``, or a mask or target that
-      does not broadcast.
+    ValueError: as :func:`entropy_softmax`.
 
   Examples:
     >>> import jax.numpy as jnp, entnorm_jax as en
@@ -220,96 +223,152 @@ def solve_gamma(
     >>> g = en.solve_gamma(z, 0.5)
     >>> round(float(en.entropy(g * z)), 4)
     0.5
+    >>> float(en.solve_gamma(z, max_entropy=2.0))  # already below the ceiling: untouched
+    1.0
   """
-  _, _, sol, _, dtype = _from_logits(
-    logits, where, axis, target_entropy, relative, num_iters, implementation
+  target, spec = _target(
+    "solve_gamma", removed, target_entropy=target_entropy, target_fraction=target_fraction,
+    min_entropy=min_entropy, max_entropy=max_entropy, min_fraction=min_fraction,
+    max_fraction=max_fraction,
+  )  # fmt: skip
+  return _solve_gamma(
+    logits, target, axis, where, spec=spec, num_iters=num_iters, implementation=implementation
   )
-  return sol.gamma.astype(dtype)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
+def _entropy_softmax(logits, target, axis, where, *, spec, num_iters, implementation):
+  _, _, sol, axis, dtype = _from_logits(
+    logits, where, axis, target, spec, num_iters, implementation
+  )
+  return jnp.moveaxis(sol.probs, -1, axis).astype(dtype)
+
+
 def entropy_softmax(
   logits: ArrayLike,
-  target_entropy: ArrayLike,
+  target_entropy: ArrayLike | None = None,
   axis: int = -1,
   where: ArrayLike | None = None,
   *,
-  relative: bool = False,
+  target_fraction: ArrayLike | None = None,
+  min_entropy: ArrayLike | None = None,
+  max_entropy: ArrayLike | None = None,
+  min_fraction: ArrayLike | None = None,
+  max_fraction: ArrayLike | None = None,
   num_iters: int | None = None,
   implementation: str | None = None,
+  **removed,
 ) -> jax.Array:
-  """Entropy-normalized softmax: ``softmax(γ*·logits)`` with entropy ``target_entropy``.
+  """Entropy-normalized softmax: ``softmax(γ*·logits)`` with a prescribed entropy per row.
 
-  ``target_entropy`` is in nats (``relative=False``, the default) or, with ``relative=True``, a
-  fraction of each row's maximum entropy log(n_valid) (see the second example).
+  The target names its unit: ``target_entropy`` (nats) or ``target_fraction`` (a fraction f of
+  each row's largest entropy, ``H_t = f · log(n_valid)``); or, instead of an exact target,
+  entropy bounds ``min_entropy`` / ``max_entropy`` (``min_fraction`` / ``max_fraction``):
+
+    q = softmax(γ* z),   H(q) = clip(H_t, log m, log n_valid)          (exact target)
+    q = softmax(z)              if lo <= H(softmax(z)) <= hi            (bounds)
+      = softmax(γ* z),   H(q) = clip(lo or hi, log m, log n_valid)     otherwise (the bound crossed)
+
+  with n_valid the unmasked entries and m those tied at the maximum. A floor guards against
+  collapse (and vanishing gradients), a ceiling against dilution.
 
   γ* is found by :func:`solve_gamma`; the result keeps the order of the logits (ties stay ties)
-  and is exactly 0 at masked entries. Differentiable w.r.t. ``logits`` and ``target_entropy``
-  (forward, reverse and higher order) through the implicit derivative of γ*:
+  and is exactly 0 at masked entries. Differentiable w.r.t. ``logits`` and the target (forward,
+  reverse and higher order) through the implicit derivative of γ*:
 
-    dq = q ⊙ (u - Σ_j q_j u_j),     u = γ* dz + z dγ*.
+    dq = q ⊙ (u - Σ_j q_j u_j),     u = γ* dz + z dγ*;
+
+  rows inside their bounds have softmax's derivative. Targets a row cannot reach are clamped;
+  values with no meaning raise when concrete and give NaN rows when traced; a NaN target gives a
+  NaN row.
 
   Args:
     logits: array of logits; ``-inf`` entries are masked.
-    target_entropy: target in nats, or a fraction of log(n_valid) with ``relative=True``; a scalar
-      or an array broadcastable to ``logits.shape`` without ``axis``.
+    target_entropy: the target in nats: a scalar or an array broadcastable to ``logits.shape``
+      without ``axis`` (one value per row).
     axis: the axis holding each distribution.
-    where: optional boolean mask broadcastable to ``logits``.
-    relative: read ``target_entropy`` as a fraction of each row's maximum entropy log(n_valid)
-      (default ``False``: nats); a boolean, which may be traced.
+    where: optional boolean mask broadcastable to ``logits``; False entries are excluded.
+    target_fraction: the target as a fraction f in [0, 1] of each row's largest entropy,
+      ``H_t = f · log(n_valid)`` (so masks are honoured); instead of ``target_entropy``.
+    min_entropy: a floor in nats instead of an exact target (alone or with a ceiling).
+    max_entropy: a ceiling in nats (alone or with a floor).
+    min_fraction: a floor as a fraction of log(n_valid) (instead of ``min_entropy``).
+    max_fraction: a ceiling as a fraction of log(n_valid) (instead of ``max_entropy``).
     num_iters: ``None`` (default) iterates each block of rows until every row is within
       2e-6·max(1, log n) nats of its target (1e-12 in float64); an int k runs exactly k
       Halley-type steps (static).
     implementation: ``None`` picks by platform: ``"tiled"`` on CPUs (rows solved in cache-sized
       blocks), ``"pallas"`` on CUDA GPUs (one fused kernel solving each block of rows on chip),
       ``"xla"`` elsewhere (whole-array passes). A forced ``"pallas"`` is compiled by Triton on
-      GPUs, interpreted on CPUs (slow: for tests), and falls back to ``"xla"`` on TPUs and for
-      rows longer than 16384. All give the same answers.
+      GPUs, interpreted on CPUs (slow: for tests), and falls back to ``"xla"`` on TPUs, for
+      rows longer than 8192 and for entropy bounds. All give the same answers.
 
   Returns:
     Probabilities of the shape and dtype of ``logits``. A row with no valid entry is all zeros.
 
   Raises:
-    ValueError: for a bad axis, ``num_iters`` or ``implementation``, or a mask or target that
-      does not broadcast.
+    ValueError: for a bad axis, ``num_iters`` or ``implementation``; a mask or target that does
+      not broadcast; none or several targets; a concrete target with no meaning in its unit (a
+      fraction outside [0, 1], negative nats, a floor above a ceiling of the same unit); or the
+      removed ``relative=`` (the message names ``target_fraction=``).
 
   Examples:
     >>> import jax.numpy as jnp, entnorm_jax as en
     >>> q = en.entropy_softmax(jnp.array([2.0, 1.0, 0.0, -1.0]), 0.8)
     >>> round(float(en.entropy(jnp.log(q))), 4)
     0.8
-    >>> q = en.entropy_softmax(jnp.array([2.0, 1.0, 0.0, -1.0]), 0.5, relative=True)
+    >>> q = en.entropy_softmax(jnp.array([2.0, 1.0, 0.0, -1.0]), target_fraction=0.5)
     >>> round(float(en.entropy(jnp.log(q)) / jnp.log(4.0)), 4)  # half of the maximum, log 4
     0.5
+    >>> z = jnp.array([[8.0, 0.0, 0.0, 0.0], [0.3, 0.2, 0.1, 0.0]])
+    >>> q = en.entropy_softmax(z, min_fraction=0.25, max_fraction=0.75)
+    >>> (en.entropy(jnp.log(q)) / jnp.log(4.0)).round(4).tolist()  # raised / lowered to a bound
+    [0.25, 0.75]
   """
-  _, _, sol, axis, dtype = _from_logits(
-    logits, where, axis, target_entropy, relative, num_iters, implementation
+  target, spec = _target(
+    "entropy_softmax", removed, target_entropy=target_entropy, target_fraction=target_fraction,
+    min_entropy=min_entropy, max_entropy=max_entropy, min_fraction=min_fraction,
+    max_fraction=max_fraction,
+  )  # fmt: skip
+  return _entropy_softmax(
+    logits, target, axis, where, spec=spec, num_iters=num_iters, implementation=implementation
   )
-  return jnp.moveaxis(sol.probs, -1, axis).astype(dtype)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
+def _entropy_log_softmax(logits, target, axis, where, *, spec, num_iters, implementation):
+  x, where, sol, axis, dtype = _from_logits(
+    logits, where, axis, target, spec, num_iters, implementation
+  )
+  return jnp.moveaxis(_log_probs(x, where, sol.gamma), -1, axis).astype(dtype)
+
+
 def entropy_log_softmax(
   logits: ArrayLike,
-  target_entropy: ArrayLike,
+  target_entropy: ArrayLike | None = None,
   axis: int = -1,
   where: ArrayLike | None = None,
   *,
-  relative: bool = False,
+  target_fraction: ArrayLike | None = None,
+  min_entropy: ArrayLike | None = None,
+  max_entropy: ArrayLike | None = None,
+  min_fraction: ArrayLike | None = None,
+  max_fraction: ArrayLike | None = None,
   num_iters: int | None = None,
   implementation: str | None = None,
+  **removed,
 ) -> jax.Array:
   """Logarithm of :func:`entropy_softmax`, computed stably: ``γ*·z - logsumexp(γ*·z)``.
 
-  ``target_entropy`` is in nats (``relative=False``, the default) or, with ``relative=True``, a
-  fraction of log(n_valid): ``entropy_log_softmax(z, 0.5, relative=True)``.
-
   Args:
-    logits, target_entropy, axis, where, relative, num_iters, implementation: as in
-      :func:`entropy_softmax`.
+    logits, target_entropy, axis, where, target_fraction, min_entropy, max_entropy,
+      min_fraction, max_fraction, num_iters, implementation: as in :func:`entropy_softmax`.
 
   Returns:
     Log-probabilities of the shape and dtype of ``logits``; ``-inf`` at masked entries.
+
+  Raises:
+    ValueError: as :func:`entropy_softmax`.
 
   Examples:
     >>> import jax.numpy as jnp, entnorm_jax as en
@@ -317,38 +376,57 @@ def entropy_log_softmax(
     >>> round(float(-(jnp.exp(lq) * lq).sum()), 4)
     0.5
   """
-  x, where, sol, axis, dtype = _from_logits(
-    logits, where, axis, target_entropy, relative, num_iters, implementation
+  target, spec = _target(
+    "entropy_log_softmax", removed, target_entropy=target_entropy,
+    target_fraction=target_fraction, min_entropy=min_entropy, max_entropy=max_entropy,
+    min_fraction=min_fraction, max_fraction=max_fraction,
+  )  # fmt: skip
+  return _entropy_log_softmax(
+    logits, target, axis, where, spec=spec, num_iters=num_iters, implementation=implementation
   )
-  return jnp.moveaxis(_log_probs(x, where, sol.gamma), -1, axis).astype(dtype)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
+def _entropy_normalize(probs, target, axis, where, *, spec, num_iters, implementation):
+  probs = jnp.asarray(probs)
+  # Zero probabilities become -inf logits (masked); NaN stays valid so that it propagates.
+  nonzero = probs != 0
+  logits = jnp.where(nonzero, jnp.log(jnp.where(nonzero, probs, 1.0)), -jnp.inf)
+  _, _, sol, axis, _ = _from_logits(logits, where, axis, target, spec, num_iters, implementation)
+  return jnp.moveaxis(sol.probs, -1, axis).astype(_output_dtype(probs.dtype))
+
+
 def entropy_normalize(
   probs: ArrayLike,
-  target_entropy: ArrayLike,
+  target_entropy: ArrayLike | None = None,
   axis: int = -1,
   where: ArrayLike | None = None,
   *,
-  relative: bool = False,
+  target_fraction: ArrayLike | None = None,
+  min_entropy: ArrayLike | None = None,
+  max_entropy: ArrayLike | None = None,
+  min_fraction: ArrayLike | None = None,
+  max_fraction: ArrayLike | None = None,
   num_iters: int | None = None,
   implementation: str | None = None,
+  **removed,
 ) -> jax.Array:
-  """The power transform ``p^γ* / Σ p^γ*`` of a distribution, with entropy ``target_entropy``.
-
-  ``target_entropy`` is in nats (``relative=False``, the default) or, with ``relative=True``, a
-  fraction of log(number of nonzero entries): ``entropy_normalize(p, 0.5, relative=True)``.
+  """The power transform ``p^γ* / Σ p^γ*`` of a distribution, with a prescribed entropy.
 
   This is the seed's interface: a distribution in, a distribution out. Zero probabilities are
-  masked and stay exactly zero; ``probs`` need not be normalized (only ratios matter).
+  masked and stay exactly zero (so ``target_fraction`` is a fraction of log(number of nonzero
+  entries)); ``probs`` need not be normalized (only ratios matter).
 
   Args:
     probs: non-negative array; each slice along ``axis`` is a (possibly unnormalized) distribution.
-    target_entropy, axis, where, relative, num_iters, implementation: as in
-      :func:`entropy_softmax`.
+    target_entropy, axis, where, target_fraction, min_entropy, max_entropy, min_fraction,
+      max_fraction, num_iters, implementation: as in :func:`entropy_softmax`.
 
   Returns:
     The normalized distribution, with the shape and dtype of ``probs``.
+
+  Raises:
+    ValueError: as :func:`entropy_softmax`.
 
   Examples:
     >>> import jax.numpy as jnp, entnorm_jax as en
@@ -356,63 +434,20 @@ def entropy_normalize(
     >>> q[3].item(), round(float(en.entropy(jnp.log(q))), 4)
     (0.0, 0.6931)
   """
-  probs = jnp.asarray(probs)
-  # Zero probabilities become -inf logits (masked); NaN stays valid so that it propagates.
-  nonzero = probs != 0
-  logits = jnp.where(nonzero, jnp.log(jnp.where(nonzero, probs, 1.0)), -jnp.inf)
-  _, _, sol, axis, _ = _from_logits(
-    logits, where, axis, target_entropy, relative, num_iters, implementation
+  target, spec = _target(
+    "entropy_normalize", removed, target_entropy=target_entropy,
+    target_fraction=target_fraction, min_entropy=min_entropy, max_entropy=max_entropy,
+    min_fraction=min_fraction, max_fraction=max_fraction,
+  )  # fmt: skip
+  return _entropy_normalize(
+    probs, target, axis, where, spec=spec, num_iters=num_iters, implementation=implementation
   )
-  return jnp.moveaxis(sol.probs, -1, axis).astype(_output_dtype(probs.dtype))
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def entropy_softmax_cross_entropy(
-  logits: ArrayLike,
-  labels: ArrayLike,
-  target_entropy: ArrayLike,
-  axis: int = -1,
-  where: ArrayLike | None = None,
-  *,
-  relative: bool = False,
-  num_iters: int | None = None,
-  implementation: str | None = None,
-) -> jax.Array:
-  """Cross-entropy of ``labels`` against the entropy-normalized distribution of ``logits``.
-
-  ``target_entropy`` is in nats (``relative=False``, the default) or, with ``relative=True``, a
-  fraction of log(n_valid).
-
-  Like ``optax.losses.softmax_cross_entropy`` (labels are probabilities), with
-  ``q = entropy_softmax(logits, target_entropy)``:  loss = -Σ_i labels_i log q_i over the valid
-  entries (masked entries are left out of the sum).
-
-  Args:
-    logits: array of logits.
-    labels: probabilities broadcastable to ``logits``.
-    target_entropy, axis, where, relative, num_iters, implementation: as in
-      :func:`entropy_softmax`.
-
-  Returns:
-    The loss, of shape ``logits.shape`` without ``axis``.
-
-  Raises:
-    TypeError: for integer labels (see :func:`entropy_softmax_cross_entropy_with_integer_labels`).
-
-  Examples:
-    >>> import jax.numpy as jnp, entnorm_jax as en
-    >>> loss = en.entropy_softmax_cross_entropy(jnp.array([2.0, 0.0]), jnp.array([1.0, 0.0]), 0.3)
-    >>> loss.shape
-    ()
-  """
-  labels = jnp.asarray(labels)
-  if not jnp.issubdtype(labels.dtype, jnp.inexact):
-    raise TypeError(
-      f"labels are {labels.dtype}: this loss takes probabilities (e.g. one-hot); for class "
-      "indices use entropy_softmax_cross_entropy_with_integer_labels"
-    )
+def _cross_entropy(logits, labels, target, axis, where, *, spec, num_iters, implementation):
   x, where, sol, axis, dtype = _from_logits(
-    logits, where, axis, target_entropy, relative, num_iters, implementation
+    logits, where, axis, target, spec, num_iters, implementation
   )
   labels = jnp.moveaxis(jnp.broadcast_to(labels, jnp.shape(logits)), axis, -1)
   log_q = _log_probs(x, where, sol.gamma)
@@ -420,30 +455,101 @@ def entropy_softmax_cross_entropy(
   return (-jnp.sum(jnp.where(finite, labels * log_q, 0.0), axis=-1)).astype(dtype)
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
-def entropy_softmax_cross_entropy_with_integer_labels(
+def entropy_softmax_cross_entropy(
   logits: ArrayLike,
   labels: ArrayLike,
-  target_entropy: ArrayLike,
+  target_entropy: ArrayLike | None = None,
   axis: int = -1,
   where: ArrayLike | None = None,
   *,
-  relative: bool = False,
+  target_fraction: ArrayLike | None = None,
+  min_entropy: ArrayLike | None = None,
+  max_entropy: ArrayLike | None = None,
+  min_fraction: ArrayLike | None = None,
+  max_fraction: ArrayLike | None = None,
   num_iters: int | None = None,
   implementation: str | None = None,
+  **removed,
+) -> jax.Array:
+  """Cross-entropy of ``labels`` against the entropy-normalized distribution of ``logits``.
+
+  Like ``optax.losses.softmax_cross_entropy`` (labels are probabilities), with ``q`` the
+  :func:`entropy_softmax` of ``logits``:  loss = -Σ_i labels_i log q_i over the valid entries
+  (masked entries are left out of the sum).
+
+  Args:
+    logits: array of logits.
+    labels: probabilities broadcastable to ``logits``.
+    target_entropy, axis, where, target_fraction, min_entropy, max_entropy, min_fraction,
+      max_fraction, num_iters, implementation: as in :func:`entropy_softmax`.
+
+  Returns:
+    The loss, of shape ``logits.shape`` without ``axis``.
+
+  Raises:
+    TypeError: for integer labels (see :func:`entropy_softmax_cross_entropy_with_integer_labels`).
+    ValueError: as :func:`entropy_softmax`.
+
+  Examples:
+    >>> import jax.numpy as jnp, entnorm_jax as en
+    >>> loss = en.entropy_softmax_cross_entropy(jnp.array([2.0, 0.0]), jnp.array([1.0, 0.0]), 0.3)
+    >>> loss.shape
+    ()
+  """
+  target, spec = _target(
+    "entropy_softmax_cross_entropy", removed, target_entropy=target_entropy,
+    target_fraction=target_fraction, min_entropy=min_entropy, max_entropy=max_entropy,
+    min_fraction=min_fraction, max_fraction=max_fraction,
+  )  # fmt: skip
+  labels = jnp.asarray(labels)
+  if not jnp.issubdtype(labels.dtype, jnp.inexact):
+    raise TypeError(
+      f"labels are {labels.dtype}: this loss takes probabilities (e.g. one-hot); for class "
+      "indices use entropy_softmax_cross_entropy_with_integer_labels"
+    )
+  return _cross_entropy(
+    logits, labels, target, axis, where, spec=spec, num_iters=num_iters,
+    implementation=implementation,
+  )  # fmt: skip
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _integer_cross_entropy(logits, labels, target, axis, where, *, spec, num_iters, implementation):
+  x, where, sol, axis, dtype = _from_logits(
+    logits, where, axis, target, spec, num_iters, implementation
+  )
+  log_q = _log_probs(x, where, sol.gamma)
+  picked = jnp.take_along_axis(log_q, labels[..., None], axis=-1, mode="fill")[..., 0]
+  return (-picked).astype(dtype)
+
+
+def entropy_softmax_cross_entropy_with_integer_labels(
+  logits: ArrayLike,
+  labels: ArrayLike,
+  target_entropy: ArrayLike | None = None,
+  axis: int = -1,
+  where: ArrayLike | None = None,
+  *,
+  target_fraction: ArrayLike | None = None,
+  min_entropy: ArrayLike | None = None,
+  max_entropy: ArrayLike | None = None,
+  min_fraction: ArrayLike | None = None,
+  max_fraction: ArrayLike | None = None,
+  num_iters: int | None = None,
+  implementation: str | None = None,
+  **removed,
 ) -> jax.Array:
   """Cross-entropy of class indices against the entropy-normalized distribution of ``logits``.
 
-  Like ``optax.losses.softmax_cross_entropy_with_integer_labels``, with
-  ``q = entropy_softmax(logits, target_entropy)``:  loss = -log q[label]. ``target_entropy`` is in
-  nats unless ``relative=True`` (a fraction of log(n_valid)). A label on a masked entry gives
+  Like ``optax.losses.softmax_cross_entropy_with_integer_labels``, with ``q`` the
+  :func:`entropy_softmax` of ``logits``:  loss = -log q[label]. A label on a masked entry gives
   ``inf``; a label out of range gives NaN (as ``jnp.take_along_axis`` fills it).
 
   Args:
     logits: array of logits.
     labels: integer class indices, of the shape of ``logits`` without ``axis``.
-    target_entropy, axis, where, relative, num_iters, implementation: as in
-      :func:`entropy_softmax`.
+    target_entropy, axis, where, target_fraction, min_entropy, max_entropy, min_fraction,
+      max_fraction, num_iters, implementation: as in :func:`entropy_softmax`.
 
   Returns:
     The loss, of shape ``logits.shape`` without ``axis``.
@@ -458,6 +564,11 @@ def entropy_softmax_cross_entropy_with_integer_labels(
     >>> en.entropy_softmax_cross_entropy_with_integer_labels(z, jnp.array([0, 2]), 0.3).shape
     (2,)
   """
+  target, spec = _target(
+    "entropy_softmax_cross_entropy_with_integer_labels", removed, target_entropy=target_entropy,
+    target_fraction=target_fraction, min_entropy=min_entropy, max_entropy=max_entropy,
+    min_fraction=min_fraction, max_fraction=max_fraction,
+  )  # fmt: skip
   labels = jnp.asarray(labels)
   if not jnp.issubdtype(labels.dtype, jnp.integer):
     raise TypeError(f"labels must be integer class indices, got {labels.dtype}")
@@ -467,9 +578,7 @@ def entropy_softmax_cross_entropy_with_integer_labels(
       f"labels of shape {labels.shape} do not match the logits' shape without the normalized "
       f"axis, {tuple(batch)}"
     )
-  x, where, sol, axis, dtype = _from_logits(
-    logits, where, axis, target_entropy, relative, num_iters, implementation
-  )
-  log_q = _log_probs(x, where, sol.gamma)
-  picked = jnp.take_along_axis(log_q, labels[..., None], axis=-1, mode="fill")[..., 0]
-  return (-picked).astype(dtype)
+  return _integer_cross_entropy(
+    logits, labels, target, axis, where, spec=spec, num_iters=num_iters,
+    implementation=implementation,
+  )  # fmt: skip

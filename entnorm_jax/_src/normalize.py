@@ -39,7 +39,7 @@ import numpy as np
 
 from entnorm_jax._src import pallas_core
 from entnorm_jax._src.moments import Shifted, evaluate, row_stats, shifted
-from entnorm_jax._src.solver import FULL, any_of, entropy_bounds, inside, solve, start
+from entnorm_jax._src.solver import FULL, any_of, entropy_bounds, goal, solve, start
 
 IMPLEMENTATIONS = ("tiled", "xla", "pallas")
 
@@ -62,7 +62,9 @@ class Solution(NamedTuple):
     probs: q = softmax(γ*·z), exactly 0 where masked; a row with nothing valid is all zeros.
     gamma: γ*.
     target_scale: ∂(target in nats)/∂target where the target is inside (log m, log n)
-      (``log n`` with ``relative``, else 1), and 0 where it was clamped to an edge.
+      (``log n`` with ``relative``, else 1), and 0 where it was clamped to an edge. With bounds
+      it is ``[rows, 2]``: that of the bound the row was normalized to, 0 for the other one
+      (and for both where the row was inside its bounds, or clamped).
   """
 
   probs: jax.Array
@@ -81,15 +83,25 @@ def tile_rows(rows: int, n: int, itemsize: int) -> int:
 
 def _solve_block(x, where, target, relative, num_iters) -> Solution:
   """Solves ``[T, n]`` rows (any T): the body of every layout (in the Pallas kernel, with a
-  per-row ``relative``)."""
+  per-row ``relative``).
+
+  ``target`` is ``[T]`` exact targets, or ``[T, 2]`` (floor, ceiling) entropy bounds with
+  ``relative`` of shape ``[2]``: then one light evaluation at γ = 1 gives each row's own entropy,
+  rows inside their bounds keep γ = 1 (plain softmax, and with ``target_scale`` 0 softmax's
+  derivative), and the others are solved for the bound they cross.
+  """
   rows = shifted(x, where)
   stats = row_stats(rows)
   rows, stats, unit = _rescale_tiny_rows(rows, stats)
   bounds = entropy_bounds(stats, x.dtype)
-  scale = jnp.where(relative, bounds.log_n, 1.0)  # d(target in nats) / d(target)
-  nats = target * scale
-  free = inside(bounds, nats)
-  scale = jnp.where(free, scale, 0.0)
+  one = 1.0 / unit  # γ = 1 in the rescaled rows' units
+  natural = None
+  if target.ndim == 2:
+    natural = evaluate(rows, one, stats.n_ties, full=False)[0].entropy
+  aim = goal(target, relative, bounds, natural)
+  scale = aim.scale
+  if target.ndim == 2:
+    scale = jnp.stack([jnp.where(aim.which == k, aim.scale, 0.0) for k in (1, 2)], axis=-1)
 
   def evaluate_rows(gamma, center, mode, aux):
     # The block is evaluated in the most demanding mode of its rows that are not done; dense rows
@@ -106,7 +118,7 @@ def _solve_block(x, where, target, relative, num_iters) -> Solution:
     mom, aux = jax.lax.cond(full, lambda: run(True), lambda: run(False))
     return mom, jnp.broadcast_to(full, gamma.shape), aux
 
-  first = start(stats, bounds, nats)
+  first = start(stats, bounds, aim.nats, *(() if natural is None else (aim.held, one)))
   gamma, _, (e, s0) = solve(
     bounds, *first, evaluate_rows, (rows.d, stats.n_valid), num_iters=num_iters
   )
@@ -150,13 +162,16 @@ def _tiled(block, x, where, target, relative) -> Solution:
     put = lambda buf, a: jax.lax.dynamic_update_slice_in_dim(buf, a, start, 0)
     return jax.tree.map(put, out, sol)
 
-  per_row = jnp.zeros_like(target)
-  return jax.lax.fori_loop(0, -(-rows // t), body, Solution(x, per_row, per_row))
+  init = Solution(x, jnp.zeros(rows, x.dtype), jnp.zeros_like(target))
+  return jax.lax.fori_loop(0, -(-rows // t), body, init)
 
 
 def _pallas(block, x, where, target, relative, *, interpret: bool, tpu: bool = False) -> Solution:
   """``block`` run by the fused kernel of :mod:`entnorm_jax._src.pallas_core` (laid out for TPUs
-  and compiled by Mosaic with ``tpu``, else for GPUs and compiled by Triton)."""
+  and compiled by Mosaic with ``tpu``, else for GPUs and compiled by Triton). The kernel takes
+  exact targets only (one value per row): bounds run ``block`` unfused."""
+  if target.ndim == 2:
+    return block(x, where, target, relative)
   solution = pallas_core.solve_rows(block, x, where, target, relative, interpret=interpret, tpu=tpu)
   return Solution(*solution)
 
@@ -191,8 +206,9 @@ def solve_rows(
   Args:
     x: logits ``[rows, n]`` in the compute dtype (float32 or float64); ``-inf`` is masked.
     where: ``None`` or a boolean mask ``[rows, n]``.
-    target: ``[rows]`` targets: nats, or fractions of log n_valid where ``relative``.
-    relative: boolean scalar (may be traced).
+    target: ``[rows]`` targets, or ``[rows, 2]`` (floor, ceiling) entropy bounds: nats, or
+      fractions of log n_valid where ``relative``.
+    relative: boolean scalar (may be traced), or ``[2]`` (one per bound) with bounds.
     cfg: static :class:`Config`.
 
   Returns:
@@ -219,8 +235,11 @@ def _tangents(q, x, gamma, scale, dx, dt):
   mean = jnp.sum(q * x, axis=-1, keepdims=True)
   u = jnp.where(on, gamma[..., None] * (x - mean), 0.0)
   w = jnp.sum(q * u * u, axis=-1)
+  drive = scale * dt
+  if drive.ndim == w.ndim + 1:  # bounds: at most one of the two moves the row
+    drive, scale = jnp.sum(drive, axis=-1), jnp.sum(jnp.abs(scale), axis=-1)
   moves = (scale != 0) & (w > 0)
-  pull = (gamma * jnp.sum(q * u * dx, axis=-1) + scale * dt) / jnp.where(moves, w, 1.0)
+  pull = (gamma * jnp.sum(q * u * dx, axis=-1) + drive) / jnp.where(moves, w, 1.0)
   pull = jnp.where(moves, pull, 0.0)
   du = gamma[..., None] * (dx - jnp.sum(q * dx, axis=-1, keepdims=True))
   return q * (du - u * pull[..., None]), -gamma * pull

@@ -5,10 +5,12 @@ logits of the distribution a token is drawn from; :func:`sample` draws from it, 
 runs the decoding loop. With ``p = softmax(z / temperature)`` and ``H(p)`` its entropy, the
 methods and their parameters, named as in Hugging Face's ``GenerationConfig`` and llama.cpp, are:
 
-* ``"entropy"``: ``softmax(γ*·z)`` with ``H = target_entropy`` (``perplexity=k`` means
-  ``target = log k``), γ* from the core solver: no truncation, the same entropy at every step.
-  With ``ceiling=True`` the target is an upper bound, ``softmax(max(γ*, 1)·z)``: confident rows are
-  left as they are.
+* ``"entropy"``: ``softmax(γ*·z)`` with ``H = target_entropy`` nats (``target_fraction=f``:
+  ``f · log n_valid``; ``perplexity=k``: ``log k``), γ* from the core solver: no truncation, the
+  same entropy at every step. With the bounds ``max_entropy`` / ``max_fraction`` (a ceiling) and
+  ``min_entropy`` / ``min_fraction`` (a floor) instead, rows whose entropy already lies inside them
+  keep temperature 1 and the others are normalized to the bound they cross: a ceiling leaves
+  confident rows as they are.
 * ``"temperature"``: ``softmax(z / temperature)``;  ``"greedy"``: the argmax.
 * ``"top_k"``: the ``top_k`` largest logits.
 * ``"top_p"``: the smallest set of the most likely entries holding mass ``>= top_p`` (Holtzman et
@@ -45,7 +47,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from entnorm_jax._src.functions import solve_gamma
+from entnorm_jax._src import targets
+from entnorm_jax._src.functions import _solve_gamma
+from entnorm_jax._src.targets import Spec
 
 # method -> (required parameters, optional parameters with defaults)
 _METHODS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
@@ -53,9 +57,12 @@ _METHODS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     (),
     {
       "target_entropy": None,
+      "target_fraction": None,
       "perplexity": None,
-      "relative": False,
-      "ceiling": False,
+      "min_entropy": None,
+      "max_entropy": None,
+      "min_fraction": None,
+      "max_fraction": None,
       "num_iters": None,
     },
   ),
@@ -77,7 +84,7 @@ _RENAMED: dict[str, dict[str, str]] = {
   "eta": {"epsilon": "eta_cutoff", "eta": "eta_cutoff"},
   "mirostat": {"tau": "mirostat_tau", "eta": "mirostat_eta"},
 }
-_STATIC_PARAMS = ("top_k", "relative", "ceiling", "num_iters")
+_STATIC_PARAMS = ("top_k", "spec", "num_iters")
 _LN2 = math.log(2.0)
 _CANDIDATES = 256  # top-p / typical: entries tried by lax.top_k before the exact threshold search
 
@@ -150,6 +157,9 @@ def _check_range(
 
 def _reject_renamed(method: str, names) -> None:
   """Raises for a parameter name that ``method`` took before it used the familiar names."""
+  if method == "entropy":
+    for name in sorted(set(names) & set(targets.REMOVED)):
+      raise ValueError(f"method 'entropy': {targets.REMOVED[name]}")
   renamed = _RENAMED.get(method, {})
   old = sorted(set(names) & set(renamed))
   if old:
@@ -158,6 +168,34 @@ def _reject_renamed(method: str, names) -> None:
       f"method {method!r}: parameter(s) {old} are called {new} (the names Hugging Face's "
       f"GenerationConfig and llama.cpp use); pass {', '.join(f'{n}=' for n in new)} instead"
     )
+
+
+def _entropy_target(params: dict[str, Any]) -> dict[str, Any]:
+  """Method "entropy": the target keywords (or ``perplexity``) folded into ``target`` and a
+  static ``spec`` (see :mod:`entnorm_jax._src.targets`)."""
+  keywords = {n: params.pop(n) for n in targets.KEYWORDS}
+  perplexity = params.pop("perplexity")
+  named = [n for n, v in keywords.items() if v is not None]
+  if perplexity is not None:
+    if named:
+      raise ValueError(
+        f"method 'entropy' takes perplexity= (= exp(target_entropy)) or a target, not both; got "
+        f"perplexity and {named}"
+      )
+    _check_range("entropy", "perplexity", perplexity, 1.0, math.inf, False, True)
+    return {
+      **params,
+      "target": jnp.log(jnp.asarray(perplexity)),
+      "spec": Spec(("target_entropy",), (False,)),
+    }
+  if not named:
+    raise ValueError(
+      "method 'entropy' needs a target: target_entropy= (nats), target_fraction= (a fraction "
+      "of log n_valid) or perplexity= (= exp(target)), or bounds min_entropy= / max_entropy= "
+      "(min_fraction= / max_fraction=)"
+    )
+  target, spec = targets.parse("method 'entropy'", **keywords)
+  return {**params, "target": target, "spec": spec}
 
 
 def _validate(method: str, params: dict[str, Any], batch_shape: tuple[int, ...]) -> dict[str, Any]:
@@ -191,20 +229,7 @@ def _validate(method: str, params: dict[str, Any], batch_shape: tuple[int, ...])
         "(logits' shape without the vocabulary axis)"
       )
   if method == "entropy":
-    given = [n for n in ("target_entropy", "perplexity") if params[n] is not None]
-    if len(given) != 1:
-      raise ValueError(
-        "method 'entropy' needs exactly one of target_entropy= (nats) or perplexity= "
-        f"(= exp(target)), got {given or 'neither'}"
-      )
-    if params["perplexity"] is not None:
-      _check_range(method, "perplexity", params["perplexity"], 1.0, math.inf, False, True)
-    elif params["relative"]:
-      _check_range(
-        method, "target_entropy (relative)", params["target_entropy"], 0.0, 1.0, False, False
-      )
-    else:
-      _check_range(method, "target_entropy", params["target_entropy"], 0.0, math.inf, False, True)
+    params = _entropy_target(params)
   if "temperature" in params:
     _check_range(method, "temperature", params["temperature"], 0.0, math.inf, True, True)
   if method == "top_k":
@@ -282,13 +307,12 @@ def _keep(d: jax.Array, keep: jax.Array) -> jax.Array:
   return jnp.where(keep | (d == 0), d, -jnp.inf)  # d == 0 is the argmax: always kept
 
 
-def _entropy_d(d, valid, target_entropy, perplexity, relative, ceiling, num_iters):
-  target = jnp.log(perplexity) if perplexity is not None else target_entropy
+def _entropy_d(d, valid, target, spec: Spec, num_iters):
   # Masked entries as 0 plus the mask, never -inf: a tangent or cotangent times -inf is NaN.
   finite_d = jnp.where(valid, d, 0.0)
-  gamma = solve_gamma(finite_d, target, where=valid, relative=relative, num_iters=num_iters)
-  if ceiling:  # H falls with γ: γ* < 1 exactly when the row is already below the target
-    gamma = jnp.maximum(gamma, 1.0)
+  gamma = _solve_gamma(
+    finite_d, target, -1, valid, spec=spec, num_iters=num_iters, implementation=None
+  )
   return jnp.where(valid, gamma[..., None] * finite_d, -jnp.inf)
 
 
@@ -392,15 +416,7 @@ def _mirostat_d(d, mu):
 def _process(d, valid, method, params, state):
   """The logits each token is drawn from (``-inf`` where cut), in the compute dtype."""
   if method == "entropy":
-    return _entropy_d(
-      d,
-      valid,
-      params["target_entropy"],
-      params["perplexity"],
-      params["relative"],
-      params["ceiling"],
-      params["num_iters"],
-    )
+    return _entropy_d(d, valid, params["target"], params["spec"], params["num_iters"])
   if method == "greedy":
     return _keep(d, jnp.zeros(d.shape, bool))
   # d / T with no -inf in the product, so a gradient in T is not 0·inf = NaN at masked entries
@@ -508,12 +524,17 @@ def _renamed_guard(method: str):
 
 def entropy_logits(
   logits: ArrayLike,
-  target_entropy: ArrayLike,
+  target_entropy: ArrayLike | None = None,
   *,
-  relative: bool = False,
+  target_fraction: ArrayLike | None = None,
+  min_entropy: ArrayLike | None = None,
+  max_entropy: ArrayLike | None = None,
+  min_fraction: ArrayLike | None = None,
+  max_fraction: ArrayLike | None = None,
   where: ArrayLike | None = None,
+  **removed,
 ) -> jax.Array:
-  """Logits ``γ*·(z - max z)`` whose softmax has entropy ``target_entropy``, for any sampler.
+  """Logits ``γ*·(z - max z)`` whose softmax has a prescribed entropy, for any sampler.
 
   γ* solves ``H(softmax(γ·z)) = target`` (:func:`entnorm_jax.solve_gamma`): the order of the logits
   is kept and nothing is truncated; only the temperature ``1/γ*`` of each row changes. Targets
@@ -522,9 +543,12 @@ def entropy_logits(
 
   Args:
     logits: ``[..., n]`` logits; ``-inf`` entries are masked.
-    target_entropy: nats (or a fraction of ``log n_valid`` with ``relative=True``); a scalar or
-      per-row ``[...]`` array.
-    relative: read the target as a fraction of each row's maximum entropy.
+    target_entropy: the target in nats; a scalar or per-row ``[...]`` array.
+    target_fraction: the target as a fraction of each row's maximum entropy ``log n_valid``.
+    min_entropy: a floor in nats (instead of an exact target; alone or with a ceiling).
+    max_entropy: a ceiling in nats: rows already below it keep temperature 1.
+    min_fraction: a floor as a fraction of ``log n_valid``.
+    max_fraction: a ceiling as a fraction of ``log n_valid``.
     where: optional boolean mask broadcastable to ``logits``.
 
   Returns:
@@ -537,9 +561,12 @@ def entropy_logits(
     >>> round(float(en.entropy(ens.entropy_logits(z, 1.0))), 4)
     1.0
   """
+  targets.reject_removed(removed, "entropy_logits")
   out = process_logits(
-    logits, method="entropy", where=where, target_entropy=target_entropy, relative=relative
-  )
+    logits, method="entropy", where=where, target_entropy=target_entropy,
+    target_fraction=target_fraction, min_entropy=min_entropy, max_entropy=max_entropy,
+    min_fraction=min_fraction, max_fraction=max_fraction,
+  )  # fmt: skip
   return out.astype(_output_dtype(logits))
 
 
@@ -694,18 +721,19 @@ def sample(
   Parameters by method (scalars, or per-row arrays broadcastable to ``logits.shape[:-1]``), named
   as in Hugging Face's ``GenerationConfig`` and llama.cpp:
 
-  * ``"entropy"``: ``target_entropy`` (nats) or ``perplexity`` (``= e^target``, "as if choosing
-    among k equally likely tokens"), optional ``relative`` (target as a fraction of log n_valid),
-    ``ceiling`` (only ever lower the entropy: rows already below the target keep temperature 1)
-    and ``num_iters`` (solver iterations; ``None`` for the core's default).
+  * ``"entropy"``: ``target_entropy`` (nats), ``target_fraction`` (a fraction of log n_valid) or
+    ``perplexity`` (``= e^target``, "as if choosing among k equally likely tokens"); or bounds
+    instead: ``max_entropy`` / ``max_fraction`` (a ceiling: only ever lower the entropy, rows
+    already below it keep temperature 1), ``min_entropy`` / ``min_fraction`` (a floor); and
+    ``num_iters`` (solver iterations; ``None`` for the core's default).
   * ``"temperature"``: ``temperature > 0``.  ``"greedy"``: none.
   * ``"top_k"``: int ``top_k >= 1``;  ``"top_p"``: ``top_p`` in (0, 1];  ``"min_p"``: ``min_p``
     in [0, 1];  ``"typical"``: ``typical_p`` in (0, 1];  ``"eta"``: ``eta_cutoff`` in (0, 1);
     each with an optional ``temperature`` (default 1) applied first.
   * ``"mirostat"`` is stateful: use :func:`sample_mirostat` (or :func:`generate`).
 
-  The names this module used before (``k``, ``p``, ``epsilon``, ``tau``, ``eta``) are rejected
-  with a ValueError that gives the new one.
+  The names this module used before (``k``, ``p``, ``epsilon``, ``tau``, ``eta``, and the entropy
+  method's ``relative`` and ``ceiling``) are rejected with a ValueError that gives the new one.
 
   Args:
     key: a PRNG key (one for the whole batch).

@@ -264,9 +264,11 @@ def initial_gamma(stats: RowStats, bounds: Bounds, target: jax.Array) -> Start:
   at_uniform = target >= bounds.log_n - tol  # also empty and all-tied rows (log m = log n)
   gamma = jnp.where(at_argmax, bounds.gamma_hi, gamma)
   gamma = jnp.where(at_uniform, 0.0, gamma)
-  # A valid NaN makes the row maximum NaN; propagate it to γ (and so to the row's output).
-  gamma = jnp.where(jnp.isnan(stats.mean), jnp.nan, gamma)
-  fixed = at_argmax | at_uniform | jnp.isnan(stats.mean)
+  # A valid NaN makes the row maximum NaN, and a NaN target has no solution: propagate either to
+  # γ (and so to the row's output), never to a uniform row.
+  nan = jnp.isnan(stats.mean) | jnp.isnan(target)
+  gamma = jnp.where(nan, jnp.nan, gamma)
+  fixed = at_argmax | at_uniform | nan
   return Start(gamma, center, fixed)
 
 
@@ -386,10 +388,79 @@ SKIP, LIGHT, FULL = 0, 1, 2
 Evaluate = Callable[[jax.Array, jax.Array, jax.Array, object], tuple[Moments, jax.Array, object]]
 
 
-def start(stats: RowStats, bounds: Bounds, target: jax.Array) -> tuple[jax.Array, Start]:
-  """The target clamped to [log m, log n], and the :class:`Start` of each row."""
+class Goal(NamedTuple):
+  """What each row is solved for, from its target or bounds (see :func:`goal`).
+
+  Attributes:
+    nats: the entropy to reach (unclamped): the target, or the bound the row crosses (the
+      ceiling where a floor lies above it); NaN where the target has no meaning (NaN, a negative
+      number of nats, a fraction outside [0, 1]).
+    held: rows inside their bounds: γ = 1 is their answer (plain softmax), nothing is solved
+      (``None`` for an exact target).
+    which: int32, which target γ* moves with: 1 the exact target or the floor, 2 the ceiling, 0
+      none (a held row, a target clamped to an edge, a NaN row).
+    scale: ∂nats/∂(the target γ* moves with): ``log n`` for a fraction, 1 for nats, 0 where
+      ``which`` is 0.
+  """
+
+  nats: jax.Array
+  held: jax.Array
+  which: jax.Array
+  scale: jax.Array
+
+
+def goal(target, relative, bounds: Bounds, natural: jax.Array | None = None) -> Goal:
+  """The per-row :class:`Goal` of an exact target or of entropy bounds.
+
+  Args:
+    target: ``[...]`` exact targets, or ``[..., 2]`` (floor, ceiling) bounds (``natural`` given).
+    relative: whether each value is a fraction of log(n_valid) (else nats): a boolean scalar, or
+      ``[2]`` (or ``[..., 2]``) for bounds.
+    bounds: the rows' :func:`entropy_bounds`.
+    natural: with bounds, each row's entropy at γ = 1 (its plain softmax).
+  """
+  bounded = natural is not None
+  log_n = bounds.log_n[..., None] if bounded else bounds.log_n
+  unit = jnp.where(relative, log_n, 1.0)  # d(target in nats) / d(target)
+  nats = target * unit
+  bad = jnp.isnan(target) | (target < 0) | (relative & (target > 1))
+  if bounded:
+    floor, ceiling = nats[..., 0], nats[..., 1]
+    bad = jnp.any(bad, axis=-1)
+    below, above = natural < floor, natural > ceiling
+    held = jnp.isfinite(natural) & ~below & ~above
+    nats = jnp.where(above, ceiling, floor)
+    unit = jnp.where(above, unit[..., 1], unit[..., 0])
+    which = jnp.where(above, 2, 1)
+    moves = inside(bounds, nats) & ~bad & ~held
+    held = held & ~bad
+  else:  # no constant boolean vectors: the Pallas kernel runs this (see pallas_core)
+    which = jnp.ones(nats.shape, jnp.int32)
+    moves = inside(bounds, nats) & ~bad
+    held = None
+  which = jnp.where(moves, which, 0).astype(jnp.int32)
+  return Goal(jnp.where(bad, jnp.nan, nats), held, which, jnp.where(moves, unit, 0.0))
+
+
+def start(
+  stats: RowStats,
+  bounds: Bounds,
+  target: jax.Array,
+  held: jax.Array | None = None,
+  held_gamma=1.0,
+  held_center=None,
+) -> tuple[jax.Array, Start]:
+  """The target clamped to [log m, log n], and the :class:`Start` of each row.
+
+  Rows flagged ``held`` (inside their entropy bounds) start, and stay, at ``held_gamma`` (γ = 1
+  in the caller's units), centred on ``held_center`` (their mean there) when given.
+  """
   target = jnp.clip(target, bounds.log_m, bounds.log_n)
-  return target, initial_gamma(stats, bounds, target)
+  first = initial_gamma(stats, bounds, target)
+  if held is not None:
+    center = first.center if held_center is None else jnp.where(held, held_center, first.center)
+    first = Start(jnp.where(held, held_gamma, first.gamma), center, first.fixed | held)
+  return target, first
 
 
 def solve(bounds: Bounds, target: jax.Array, first: Start, evaluate: Evaluate, aux, *, num_iters):
