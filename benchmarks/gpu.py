@@ -10,7 +10,7 @@ and ``gpu.md`` are rewritten after every step, so a run cut short still leaves w
 after :data:`BUDGET_S` seconds the remaining sizes and steps are skipped, and recorded as such):
 
 1. ``device``: the card (``device_kind``, platform, jax/jaxlib and plugin versions, driver);
-2. ``core_accuracy``: ``entropy_softmax(x, 0.5, relative=True, implementation=impl)`` for
+2. ``core_accuracy``: ``entropy_softmax(x, target_fraction=0.5, implementation=impl)`` for
    ``"pallas"`` and ``"xla"``, float32, against a float64 reference solved on the host with numpy
    (bisection on γ): max |H(q) - target|, max |q - q_ref|, the gradient of ``sum(w * q)``
    against the implicit-function formula in float64, and the two implementations against each
