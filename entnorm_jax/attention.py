@@ -273,9 +273,10 @@ def entropy_attention(
       precision, as ``jax.nn.dot_product_attention`` and XLA do: on NVIDIA GPUs float32 products
       run on TF32 tensor cores (10-bit mantissas: scores carry a relative error of about 1e-3,
       so outputs differ from float64 by ~1e-3 instead of ~1e-6), on CPUs they are full float32.
-      ``jax.lax.Precision.HIGHEST`` (or ``"highest"``) asks for full float32 products; the
-      Pallas kernels then use IEEE float32 ``dot``\ s, without tensor cores (see the README's
-      kernel table for which configurations fit in registers).
+      ``jax.lax.Precision.HIGHEST`` (or ``"highest"``) asks for full float32 products. With
+      ``implementation="pallas"``, full-precision float32 inputs, and head dims above 256, run
+      the blockwise engine instead: no shape of the kernels with IEEE float32 ``dot``\ s compiles
+      without spilling registers (see :data:`entnorm_jax._src.pallas_attention.GPU_SHAPES`).
 
   Returns:
     ``[batch, q_len, heads, dim]`` in the dtype of ``q``. Rows with no valid key are zeros.
