@@ -180,6 +180,19 @@ def build_all(kernels: list[Kernel], jobs: int, log: pathlib.Path | None = None)
   return results
 
 
+def built_rows(labelled: list[tuple[dict, Kernel]], jobs: int, log=None) -> list[dict]:
+  """Builds the kernels of ``(fields, kernel)`` pairs (:func:`build_all`) and returns one row per
+  pair and arch: the fields, the kernel's name, key, warps and stages, and its :func:`build`
+  report."""
+  builds = build_all([k for _, k in labelled], jobs, log)
+  return [
+    {**fields, "kernel": k.name, "key": k.key, "arch": f"sm_{cc}", "num_warps": k.num_warps,
+     "num_stages": k.num_stages, **builds[k.key, cc]}
+    for fields, k in labelled
+    for cc in ARCHS
+  ]  # fmt: skip
+
+
 # ---------------------------------------------------------------------------------------------
 # What the library emits
 
@@ -254,18 +267,10 @@ def measure_gpu(cases: dict, jobs: int, log: pathlib.Path | None = None) -> list
   its :func:`build` report. A case that emits no kernel (the XLA layout, or the blockwise engine)
   gets one row saying so."""
   captured = {label: capture(fn, *args) for label, (fn, args) in cases.items()}
-  builds = build_all([k for ks in captured.values() for k in ks], jobs, log)
-  rows = []
-  for label, kernels in captured.items():
-    if not kernels:
-      rows.append({"case": label, "kernel": None})
-    for k in kernels:
-      for cc in ARCHS:
-        rows.append({
-          "case": label, "kernel": k.name, "key": k.key, "arch": f"sm_{cc}",
-          "num_warps": k.num_warps, "num_stages": k.num_stages, **builds[k.key, cc],
-        })  # fmt: skip
-  return rows
+  labelled = [({"case": label}, k) for label, kernels in captured.items() for k in kernels]
+  empty = [{"case": label, "kernel": None} for label, kernels in captured.items() if not kernels]
+  order = {label: i for i, label in enumerate(captured)}
+  return sorted(built_rows(labelled, jobs, log) + empty, key=lambda r: order[r["case"]])
 
 
 def _core(x):
@@ -291,7 +296,7 @@ def sweep_core(jobs: int, log: pathlib.Path | None = None) -> list[dict]:
   :data:`SWEEP_CORE` (a block of ``warps · 32 · entries`` elements, at least one row and at most
   :data:`SWEEP_CORE_MAX_ROWS`: the solver keeps a few dozen values per row): one row per (length,
   block, warps, arch)."""
-  kernels, labels = [], []
+  labelled = []
   n = 1
   while n <= 2 * pallas_core.MAX_LENGTH:
     blocks = {(min(max(32 * w * e, n), SWEEP_CORE_MAX_ROWS * n), w) for w, e in SWEEP_CORE}
@@ -299,16 +304,9 @@ def sweep_core(jobs: int, log: pathlib.Path | None = None) -> list[dict]:
       x = jax.ShapeDtypeStruct((4 * (elements // n), n), jnp.float32)
       config = pallas_core.GpuConfig(elements, warps)
       (kernel,) = _with_config(pallas_core, "gpu_config", config, capture, _core, x)
-      kernels.append(kernel)
-      labels.append((n, elements // n, warps))
+      labelled.append(({"n_pad": n, "block_rows": elements // n}, kernel))
     n *= 2
-  builds = build_all(kernels, jobs, log)
-  rows = []
-  for (n, block_rows, warps), k in zip(labels, kernels, strict=True):
-    for cc in ARCHS:
-      rows.append({"n_pad": n, "block_rows": block_rows, "num_warps": warps, "arch": f"sm_{cc}",
-                   **builds[k.key, cc]})  # fmt: skip
-  return rows
+  return built_rows(labelled, jobs, log)
 
 
 def sweep_attention(jobs: int, log: pathlib.Path | None = None) -> list[dict]:
@@ -317,7 +315,7 @@ def sweep_attention(jobs: int, log: pathlib.Path | None = None) -> list[dict]:
   in :data:`SWEEP_ATTENTION_SHAPES`: one row per (variant, dim, shape, kernel, arch)."""
   from entnorm_jax._src import pallas_attention
 
-  kernels, labels = [], []
+  labelled = []
   for dtype, precision in SWEEP_ATTENTION_VARIANTS:
     for dim in SWEEP_ATTENTION_DIMS:
       for shape in SWEEP_ATTENTION_SHAPES:
@@ -325,17 +323,11 @@ def sweep_attention(jobs: int, log: pathlib.Path | None = None) -> list[dict]:
           dtype, dim, True, 1024, direction="backward", precision=precision
         )
         config = pallas_attention.KernelShape(*shape)
+        fields = {"dtype": jnp.dtype(dtype).name, "precision": precision or "default",
+                  "dim": dim, "block_q": shape[0], "block_k": shape[1]}  # fmt: skip
         for k in _with_config(pallas_attention, "gpu_shape", config, capture, fn, *args):
-          kernels.append(k)
-          labels.append((jnp.dtype(dtype).name, precision or "default", dim, shape))
-  builds = build_all(kernels, jobs, log)
-  rows = []
-  for (dtype, precision, dim, shape), k in zip(labels, kernels, strict=True):
-    for cc in ARCHS:
-      rows.append({"dtype": dtype, "precision": precision, "dim": dim, "block_q": shape[0],
-                   "block_k": shape[1], "num_warps": shape[2], "num_stages": shape[3],
-                   "kernel": k.name, "arch": f"sm_{cc}", **builds[k.key, cc]})  # fmt: skip
-  return rows
+          labelled.append((fields, k))
+  return built_rows(labelled, jobs, log)
 
 
 def lookup(fn, args, table: list[dict]) -> list[dict]:

@@ -67,9 +67,9 @@ class KernelShape(NamedTuple):
 # all compile without spilling for sm_80 and sm_90, measured by ``python -m benchmarks.kernels
 # --sweep`` (``benchmarks/results/kernels_sweep.md``; most registers per thread over the kernels
 # beside each entry). 64-row query blocks let sm_90 use ``wgmma``; smaller ones use ``mma``.
-# Full-precision float32 (``Precision.HIGHEST``: IEEE ``dot``s, no tensor
-# cores) spills in every shape tried, down to 16x16 blocks at head dim 64 (888 B per thread in
-# dkv): it has no entry, and such calls run the blockwise engine.
+# Full-precision float32 (``Precision.HIGHEST``: IEEE ``dot``s, no tensor cores) spills in every
+# shape tried, down to 16x16 blocks at head dim 64 (888 B per thread in dkv): it has no entry,
+# and such calls run the blockwise engine.
 GPU_SHAPES: dict[tuple[int, bool, int], KernelShape] = {
   (2, False, 64): KernelShape(64, 64, 8, 2),  # 255 registers; 4 warps: 88 B of spill (dkv)
   (2, False, 128): KernelShape(64, 32, 8, 2),  # 254; 64x64 at 8 warps: 428 B (dkv)
@@ -153,7 +153,7 @@ class _Layout:
     a GPU from a CPU gets the compiled kernels."""
 
     def build(interpret: bool, params):
-      call = pl.pallas_call(
+      return pl.pallas_call(
         kernel,
         grid=grid,
         in_specs=in_specs,
@@ -162,7 +162,6 @@ class _Layout:
         interpret=interpret,
         compiler_params=params,
       )
-      return lambda *a: call(*a)
 
     if self.cfg.interpret:
       return build(True, None)(*args)
