@@ -1,66 +1,78 @@
 """Length extrapolation: train a char-level LM at 128 tokens, evaluate it at up to 1024.
 
-Does entropy normalization help a model read inputs longer than those it was trained on? The study
-of attention's entropy invariance (Su 2021, "Entropy invariance and the scale of attention") says an
-attention row should keep its entropy, relative to ``log n``, as the number of keys ``n`` grows:
-with a fixed logit scale the entropy of a row over ``n`` keys is about ``log n - c``, so rows spread
-out as inputs get longer; multiplying the logits by ``log n / log n_train`` keeps
-``H / log n`` roughly constant, which is why that scale helps models extrapolate.
-:class:`entnorm_jax.linen.EntropyMultiHeadAttention` with a relative target makes it exact:
-every row has ``H = r · log(n_valid)``.
+Which entropy should attention rows have when a model reads inputs longer than those it was trained
+on? Entropy normalization comes out of the study of attention's *entropy invariance* (Su 2021,
+"从熵不变性看Attention的Scale操作"): a row's entropy should be insensitive to the number of keys
+``n``. Su's quick derivation gives ``H ≈ log n − λ(s_max − s̄)`` for a row with logit scale ``λ``,
+so a fixed scale lets the entropy grow like ``log n`` (the row is diluted over the new keys), and a
+scale ``λ ∝ log n`` holds it (roughly) in place. Entropy normalization can hold it exactly, in nats.
+This experiment tests that hypothesis as stated, with the targets in nats, against the scales and
+against a fixed fraction of ``log n`` (which grows with ``n``: the dilution the scale was built to
+stop).
 
 Setup. The same small pre-LN causal character transformer (2 layers, 128 features, 4 heads of 32,
 GELU MLP) is trained on :class:`benchmarks.corpus.CharCorpus` (the CPython help topics) at 128
 tokens with ``optax.adamw`` (linear warm-up over 10% of the steps, cosine decay to a tenth, weight
-decay 0.1 on matrices only, global-norm clip 1.0), with four attention normalizations and nothing
-else different:
+decay 0.1 on matrices only, global-norm clip 1.0). Only the attention normalization differs:
 
-* ``standard``: ``softmax(q·k / sqrt(d))`` (Flax's ``MultiHeadDotProductAttention``);
-* ``log_n``: Su's entropy-invariance scale, the logits of query row ``i`` multiplied by
-  ``log(n_valid) / log(128)`` with ``n_valid = i + 1`` its visible keys (the same module, the
-  queries scaled per row, no clipping: rows shorter than 128 are softened during training too);
-* ``entropy_fixed``: ``EntropyMultiHeadAttention`` with the fixed relative target 0.5 in every head
-  (as in :mod:`benchmarks.attention_collapse`);
-* ``entropy_learned``: the same with one learned target per head (``learn_target=True``, initial
-  value 0.5).
+* ``standard``: ``softmax(q·k / sqrt(d))``;
+* ``log_n``: Su's scale, the logits of query row ``i`` times ``log(n_valid) / log(128)``
+  (``n_valid = i + 1`` under the causal mask);
+* ``ssmax``: Scalable-Softmax (Nakanishi 2025): ``softmax((s · log n_valid) · z)`` with ``s``
+  learned per (layer, head), the learned peer of ``log_n``; ``s`` starts at ``1 / log 128`` (our
+  choice: the model starts as the standard one at the training length);
+* ``nats_fixed``: :class:`entnorm_jax.linen.EntropyMultiHeadAttention` with ``target_entropy`` per
+  head held at the **reference level**: the seed-matched standard model's mean entropy, in nats,
+  of that (layer, head) over the rows at the training length (rows whose ``n_valid`` lies in
+  ``(64, 128]``: the rows with the most keys seen in training; rows with few keys are bounded by
+  ``log n_valid`` and would pull a mean over all rows down);
+* ``nats_learned``: the same target learned per head (``learn_target=True``), starting there;
+* ``ceiling``: ``max_entropy`` per head at the reference level (fixed): rows whose softmax entropy
+  is below it are plain softmax, rows above are normalized down to it;
+* ``fraction_learned``: ``target_fraction`` learned per head from 0.5 (the link to the earlier
+  table, whose ``entropy_learned`` it is).
+
+Training-free variants, evaluated on the trained ``standard`` model with no retraining, changing
+only the rows with more keys than in training (``n_valid > 128``; the others are untouched):
+
+* ``log_n_eval``: Su's scale at evaluation only, ``max(1, log n_valid / log 128)``;
+* ``cap_eval``: those rows capped at the head's reference level (``max_entropy``);
+* ``hold_eval``: those rows held at the head's reference level (``target_entropy``).
+
+InfoScale (Li et al. 2025, training-free entropy-invariant scaling) is not included: its formula
+is not in the text we can consult offline (the abstract says only that it "preserves focus on
+original tokens during length extrapolation by ensuring consistent entropy"), and a paraphrase
+would test our reading, not the paper.
 
 Positions: rotary embeddings (RoPE) applied to the queries and keys inside a custom
-``attention_fn`` (then Flax's ``dot_product_attention`` or
-:func:`entnorm_jax.linen.entropy_dot_product_attention`), so all four variants have the same
-parameters and the same architecture apart from the normalization. Learned absolute positions
-cannot be evaluated past 128 at all. No positional encoding (NoPE) extrapolates, but a two-layer
-causal NoPE model can only find the previous characters through the causal mask (by counting),
-and in a pilot at this budget it reached 2.10 nats/char at positions below 128 against 1.50 with
-RoPE, too weak a character model to say much; with NoPE the first layer's logits are also tied
-for repeated characters, so low entropy targets cannot be met there. RoPE with the usual base 10000
-fails past the training length for a reason no normalization touches: its slow rotary dimensions
-turn through angles never seen in training (Liu et al. 2023, "Scaling laws of RoPE-based
-extrapolation"). The main experiment therefore uses the *critical base*
+``attention_fn``, so every variant has the same architecture; the parameter trees differ only by
+the variant's own parameters (``ssmax_s``, the targets). The main arm uses the *critical base*
 :func:`critical_rope_base`, the largest base whose slowest rotation completes a full turn within
-the training length (about 25 for 128 tokens and heads of 32), so that every rotary dimension has
-seen all its angles in training and what changes past 128 tokens is mostly the number of keys,
-which is what the normalizations act on. A control arm trains the four variants once (seed 0,
-same learning rate) with base 10000 and reports the same figures.
+the training length (about 25 for 128 tokens and heads of 32): every rotary dimension has seen all
+its angles in training, so what changes past 128 tokens is mostly the number of keys, which is what
+the normalizations act on. With the usual base 10000 the slow dimensions turn through angles never
+seen in training (Liu et al. 2023); a control arm (``CONTROL_TRAINED``: standard, log_n, nats_fixed,
+ceiling, and the training-free variants) runs with that base and three seeds.
 
-Learning rate: a small grid (``LR_GRID``, the peak of the schedule) for the *standard* model alone,
-one run each with a seed not used afterwards, chosen by its validation loss at the training length
-(128 tokens, in distribution). The chosen rate is reused for every variant, so the tuning favours
-the baseline if it favours anyone.
+Learning rate: a small grid (``lr_grid``, the peak of the schedule) for the *standard* model alone,
+one run each with a seed not used afterwards, chosen by its validation loss at the training length.
+The chosen rate is reused for every variant, so the tuning favours the baseline if it favours
+anyone.
 
-Evaluation: ``EVAL_WINDOWS`` windows of 1024+1 characters evenly spaced over the validation split
+Evaluation: ``eval_windows`` windows of 1024+1 characters evenly spaced over the validation split
 (the same for every run). Attention is causal, so the outputs at the first ``L`` positions of a
 1024-token window are exactly those of the ``L``-token window: one pass at 1024 gives the
 evaluation at 128, 256, 512 and 1024. Reported, as mean ± sample standard deviation over seeds:
 
-* validation loss (nats/char) per position bucket [0,128), [128,256), [256,512), [512,1024) and
-  over all positions of each evaluation length;
-* the mean attention entropy per layer relative to ``log n``: ``H(a_q) / log(n_valid)`` averaged
-  over the query rows (the first row, a single key, left out), heads and windows, at each
-  evaluation length.
+* validation loss (nats/char) per position bucket [0,128), [128,256), [256,512), [512,1024), over
+  all positions of each evaluation length, and minus the standard model's, paired by seed;
+* attention entropy in nats (and relative to ``log n_valid``) per layer at each evaluation length,
+  and per (layer, head) by ``n_valid`` in octaves (2, 3–4, 5–8, ..., 513–1024 keys): how each
+  head's entropy moves as keys are added.
 
 Run ``python -m benchmarks.extrapolation [--quick]``: the full run writes
 ``extrapolation.{json,md,png}`` into ``benchmarks/results/``; ``--quick`` (or ``ENTNORM_QUICK=1``)
-is a tiny smoke run that only prints. The full run is sized to finish in under 30 minutes on a
+is a tiny smoke run that only prints. The full run is sized to finish in under 45 minutes on a
 2-core CPU; its wall time is recorded in the JSON.
 """
 
@@ -79,10 +91,33 @@ from benchmarks import common
 from benchmarks.corpus import CharCorpus
 from entnorm_jax import linen as enn
 
-VARIANTS = ("standard", "log_n", "entropy_fixed", "entropy_learned")
+TRAINED = (
+  "standard",
+  "log_n",
+  "ssmax",
+  "nats_fixed",
+  "nats_learned",
+  "ceiling",
+  "fraction_learned",
+)
+TRAINING_FREE = ("log_n_eval", "cap_eval", "hold_eval")  # on the trained standard model
+VARIANTS = TRAINED + TRAINING_FREE
+# The target keyword of each entropy variant and whether it is trained.
+ENTROPY = {
+  "nats_fixed": ("target_entropy", False),
+  "nats_learned": ("target_entropy", True),
+  "ceiling": ("max_entropy", False),
+  "fraction_learned": ("target_fraction", True),
+  "cap_eval": ("max_entropy", False),
+  "hold_eval": ("target_entropy", False),
+}
+# The variants whose targets are the standard model's reference levels (nats).
+MEASURED = tuple(v for v, (keyword, _) in ENTROPY.items() if keyword != "target_fraction")
+RAW = {"target_entropy": "target_raw", "target_fraction": "target_raw", "max_entropy": "max_raw"}
+FRACTION = 0.5  # initial target of fraction_learned
 LR_GRID = (1e-3, 3e-3, 1e-2)
-TARGET = 0.5  # the relative target of the entropy variants (initial value when learned)
 CONTROL_ROPE_BASE = 10000.0  # the usual base, for the control arm
+CONTROL_TRAINED = ("standard", "log_n", "nats_fixed", "ceiling")
 
 # Model, budget and evaluation; eval lengths are train_length × (1, 2, 4, 8).
 SIZES = {
@@ -98,7 +133,7 @@ SIZES = {
     lr_grid=LR_GRID,
     eval_windows=32,
     eval_batch=8,
-    control_seeds=1,
+    control_seeds=3,
   ),
   True: dict(
     features=32,
@@ -138,34 +173,61 @@ def rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
   return out.astype(x.dtype)
 
 
-def make_attention_fn(variant: str, train_length: int, rope_base: float | None):
+def logit_scale(variant: str, n_valid: jax.Array, train_length: int, ssmax_s=None):
+  """The factor on row ``i``'s logits (``n_valid = i + 1``) of a scaled variant: ``[q, heads]``
+  (``[q, 1]`` unless SSMax)."""
+  log_n = jnp.log(n_valid)[:, None]
+  if variant == "log_n":
+    return log_n / np.log(train_length)
+  if variant == "log_n_eval":
+    return jnp.maximum(1.0, log_n / np.log(train_length))
+  if variant == "ssmax":
+    return log_n * ssmax_s[None, :]
+  return jnp.ones_like(log_n)
+
+
+def make_attention_fn(variant: str, train_length: int, rope_base: float | None, ssmax_s=None):
   """The ``attention_fn`` of ``variant``: RoPE on q and k, then the variant's normalization.
 
-  Self-attention only (queries and keys share positions ``0..length-1``). With ``log_n`` the
-  query of row ``i`` is multiplied by ``log(i + 1) / log(train_length)``: under the causal mask
-  ``n_valid = i + 1``, so its logits are scaled by ``log(n_valid) / log(n_train)``.
+  Self-attention only (queries and keys share positions ``0..length-1``; under the causal mask row
+  ``i`` sees ``n_valid = i + 1`` keys). Entropy variants take their target from the module's
+  keywords; the training-free ones keep softmax on the rows with ``n_valid <= train_length``.
+  ``ssmax_s`` is the SSMax parameter ``[heads]`` (only for ``ssmax``).
   """
   if variant not in VARIANTS:
     raise ValueError(f"unknown variant {variant!r}; known: {VARIANTS}")
 
-  def attention_fn(query, key, value, mask=None, module=None, dtype=None, target_fraction=TARGET):
+  def attention_fn(
+    query,
+    key,
+    value,
+    mask=None,
+    module=None,
+    dtype=None,
+    target_entropy=None,
+    target_fraction=None,
+    max_entropy=None,
+  ):
     positions = jnp.arange(query.shape[-3])
-    if rope_base is not None:  # None: no positional encoding (NoPE)
+    if rope_base is not None:
       query, key = rope(query, positions, rope_base), rope(key, positions, rope_base)
-    if variant.startswith("entropy"):
-      return enn.entropy_dot_product_attention(
-        query,
-        key,
-        value,
-        mask=mask,
-        module=module,
-        dtype=dtype,
-        target_fraction=target_fraction,
+    if variant in ENTROPY:
+      targets = dict(
+        target_entropy=target_entropy, target_fraction=target_fraction, max_entropy=max_entropy
       )
-    if variant == "log_n":
-      scale = jnp.log1p(positions.astype(jnp.float32)) / np.log(train_length)
-      query = query * scale[:, None, None].astype(query.dtype)
-    return nn.dot_product_attention(query, key, value, mask=mask, module=module, dtype=dtype)
+      targets = {k: v for k, v in targets.items() if v is not None}
+      weights = enn.entropy_attention_weights(query, key, mask=mask, dtype=dtype, **targets)
+      if variant in TRAINING_FREE:
+        softmax = nn.dot_product_attention_weights(query, key, mask=mask, dtype=dtype)
+        beyond = (positions >= train_length)[:, None]  # [q, 1]: rows with more keys than trained
+        weights = jnp.where(beyond, weights, softmax)
+    else:
+      scale = logit_scale(variant, (positions + 1).astype(jnp.float32), train_length, ssmax_s)
+      query = query * scale[..., None].astype(query.dtype)
+      weights = nn.dot_product_attention_weights(query, key, mask=mask, dtype=dtype)
+    if module is not None:
+      module.sow("intermediates", "attention_weights", weights)
+    return jnp.einsum("...hqk,...khd->...qhd", weights, value)
 
   return attention_fn
 
@@ -181,16 +243,22 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x, mask, sow_weights=False):
-    kwargs = dict(
-      num_heads=self.heads,
-      qkv_features=self.features,
-      attention_fn=make_attention_fn(self.variant, self.train_length, self.rope_base),
-    )
-    if self.variant.startswith("entropy"):
-      learn = self.variant == "entropy_learned"
-      attn = enn.EntropyMultiHeadAttention(**kwargs, target_fraction=TARGET, learn_target=learn)
+    ssmax_s = None
+    if self.variant == "ssmax":
+      init = nn.initializers.constant(1.0 / np.log(self.train_length))
+      ssmax_s = self.param("ssmax_s", init, (self.heads,))
+    fn = make_attention_fn(self.variant, self.train_length, self.rope_base, ssmax_s)
+    kwargs = dict(num_heads=self.heads, qkv_features=self.features, attention_fn=fn)
+    if self.variant in ENTROPY:
+      keyword, _ = ENTROPY[self.variant]
+      # Targets are per-head parameters: measured levels are written in after init
+      # (with_targets), fixed ones are left out of the optimizer (Experiment.frozen).
+      initial = FRACTION if keyword == "target_fraction" else 1.0
+      attn = enn.EntropyMultiHeadAttention(
+        **kwargs, **{keyword: initial}, learn_target=True, name="attention"
+      )
     else:
-      attn = nn.MultiHeadDotProductAttention(**kwargs)
+      attn = nn.MultiHeadDotProductAttention(**kwargs, name="attention")
     x = x + attn(nn.LayerNorm()(x), mask=mask, sow_weights=sow_weights)
     h = nn.Dense(4 * self.features)(nn.LayerNorm()(x))
     return x + nn.Dense(self.features)(nn.gelu(h))
@@ -217,15 +285,51 @@ class RopeCharTransformer(nn.Module):
     return nn.Dense(self.vocab)(nn.LayerNorm()(x))
 
 
-def row_relative_entropy(weights: jax.Array) -> jax.Array:
-  """``H(a_q) / log(n_valid)`` per causal row of ``[b, h, q, k]``, summed over b and h: ``[q]``.
+def _blocks(tree) -> list[str]:
+  return sorted((k for k in tree if k.startswith("Block")), key=lambda k: int(k.split("_")[1]))
 
-  Row 0 (one key, ``log 1 = 0``) is returned as 0 and left out of every average.
+
+def with_targets(params: dict, keyword: str, levels) -> dict:
+  """``params`` with each block's target parameter set to ``levels`` ``[layers, heads]`` (nats).
+
+  The module maps its parameter to nats by ``softplus``; this writes ``softplus⁻¹(levels)``.
   """
-  h = -jnp.sum(jax.scipy.special.xlogy(weights, weights), axis=-1)  # [b, h, q]
-  n = jnp.arange(1, weights.shape[-2] + 1, dtype=jnp.float32)
-  rel = h / jnp.log(jnp.maximum(n, 2.0))
-  return jnp.sum(rel, axis=(0, 1)).at[0].set(0.0)
+  levels = np.asarray(levels, np.float64)
+  raw = np.log(np.expm1(levels)).astype(np.float32)
+  params = jax.tree.map(lambda x: x, params)  # new containers, shared leaves
+  for i, block in enumerate(_blocks(params)):
+    params[block]["attention"][RAW[keyword]] = jnp.asarray(raw[i])
+  return params
+
+
+def learned_parameters(variant: str, params) -> list[list[float]] | None:
+  """Per (layer, head): a learned target (nats, or fraction of log n) or SSMax's ``s``."""
+  if variant == "ssmax":
+    return [np.asarray(params[b]["ssmax_s"]).tolist() for b in _blocks(params)]
+  if variant not in ENTROPY or not ENTROPY[variant][1]:
+    return None
+  keyword = ENTROPY[variant][0]
+  to_target = jax.nn.sigmoid if keyword == "target_fraction" else jax.nn.softplus
+  raws = [params[b]["attention"][RAW[keyword]] for b in _blocks(params)]
+  return [np.asarray(to_target(r)).tolist() for r in raws]
+
+
+def head_entropy(weights: jax.Array) -> jax.Array:
+  """Entropy (nats) of each causal row of ``[b, h, q, k]``, summed over the batch: ``[h, q]``."""
+  return -jnp.sum(jax.scipy.special.xlogy(weights, weights), axis=(0, -1))
+
+
+def octaves(length: int) -> list[tuple[int, int]]:
+  """Row positions ``[2^j, 2^(j+1))`` for ``j ≥ 0``: the rows with ``n_valid`` in
+  ``(2^j, 2^(j+1)]`` keys (row 0, one key, has entropy 0 whatever the variant). The octaves from
+  ``train_length / 2`` on are the position buckets of the loss tables."""
+  edges = [2**j for j in range(int(np.log2(length)) + 1)]
+  return list(zip(edges[:-1], edges[1:], strict=True))
+
+
+def octave_labels(length: int) -> list[str]:
+  """``n_valid`` of each octave: ``2``, ``3-4``, ``5-8``, ..."""
+  return [f"{b}" if b == a + 1 else f"{a + 1}-{b}" for a, b in octaves(length)]
 
 
 class Experiment:
@@ -243,6 +347,10 @@ class Experiment:
       layers=cfg["layers"],
       rope_base=rope_base,
     )
+    # A fixed target is a parameter the optimizer never moves (its gradient is zeroed).
+    self.frozen = (
+      RAW[ENTROPY[variant][0]] if variant in ENTROPY and not ENTROPY[variant][1] else None
+    )
     steps = cfg["steps"]
     # Peak 1 here; the step multiplies the updates by the peak rate (a traced argument), which is
     # adamw with the schedule times the peak, and lets every rate share one compilation.
@@ -254,9 +362,13 @@ class Experiment:
     self.step = jax.jit(self._step)
     self.evaluate = jax.jit(self._evaluate)
 
-  def init(self, seed: int):
+  def init(self, seed: int, levels=None):
+    """Parameters and optimizer state of seed ``seed``; ``levels`` ``[layers, heads]`` (nats) are
+    the reference levels of a measured variant."""
     tokens = jnp.zeros((1, self.cfg["train_length"]), jnp.int32)
     params = self.model.init(jax.random.key(seed), tokens)["params"]
+    if self.variant in MEASURED:
+      params = with_targets(params, ENTROPY[self.variant][0], levels)
     return params, self.opt.init(params)
 
   def _loss(self, params, x, y):
@@ -265,32 +377,23 @@ class Experiment:
 
   def _step(self, params, opt_state, x, y, peak_lr):
     loss, grads = jax.value_and_grad(self._loss)(params, x, y)
+    if self.frozen:
+      keep = lambda path, g: jnp.zeros_like(g) if path[-1].key == self.frozen else g
+      grads = jax.tree_util.tree_map_with_path(keep, grads)
     updates, opt_state = self.opt.update(grads, opt_state, params)
     updates = jax.tree.map(lambda u: peak_lr * u, updates)
     return optax.apply_updates(params, updates), opt_state, loss
 
   def _evaluate(self, params, x, y):
-    """Per-position loss summed over the batch ``[L]``; per-layer row-entropy sums ``[layers, L]``.
-
-    The weights are sown at every length, so this is the evaluation path only.
-    """
+    """Per-position loss summed over the batch ``[L]``; row entropies summed over the batch
+    ``[layers, heads, L]`` (nats). The weights are sown at every length: evaluation only."""
     logits, state = self.model.apply(
       {"params": params}, x, sow_weights=True, mutable=["intermediates"]
     )
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).sum(axis=0)
     inter = state["intermediates"]
-    blocks = sorted((k for k in inter if k.startswith("Block")), key=lambda k: int(k.split("_")[1]))
-    ent = [row_relative_entropy(jax.tree.leaves(inter[b])[0]) for b in blocks]
+    ent = [head_entropy(jax.tree.leaves(inter[b])[0]) for b in _blocks(inter)]
     return loss, jnp.stack(ent)
-
-  def learned_targets(self, params) -> list[list[float]] | None:
-    if self.variant != "entropy_learned":
-      return None
-    blocks = sorted(
-      (b for b in params if b.startswith("Block")), key=lambda k: int(k.split("_")[1])
-    )
-    raws = [params[b]["EntropyMultiHeadAttention_0"]["target_raw"] for b in blocks]
-    return [np.asarray(jax.nn.sigmoid(r)).tolist() for r in raws]
 
 
 def eval_windows(corpus: CharCorpus, count: int, length: int) -> tuple[np.ndarray, np.ndarray]:
@@ -301,13 +404,11 @@ def eval_windows(corpus: CharCorpus, count: int, length: int) -> tuple[np.ndarra
   return window[:, :-1], window[:, 1:]
 
 
-def train_and_evaluate(
-  exp: Experiment, corpus: CharCorpus, seed: int, peak_lr: float, windows, *, full_eval=True
-) -> dict:
-  """Trains one model (data order and init from ``seed``) and evaluates it on ``windows``."""
+def train(exp: Experiment, corpus: CharCorpus, seed: int, peak_lr: float, levels=None):
+  """Trains one model (data order and init from ``seed``); returns its params and loss record."""
   cfg = exp.cfg
   start = time.perf_counter()
-  params, opt_state = exp.init(seed)
+  params, opt_state = exp.init(seed, levels)
   batches = corpus.batches(seed, cfg["batch"], cfg["train_length"])
   losses = []
   for _ in range(cfg["steps"]):
@@ -315,31 +416,56 @@ def train_and_evaluate(
     params, opt_state, loss = exp.step(params, opt_state, x, y, jnp.float32(peak_lr))
     losses.append(loss)
   losses = np.asarray(jax.device_get(losses), dtype=np.float64)
-  train_s = time.perf_counter() - start
+  record = {
+    "seed": seed,
+    "peak_lr": peak_lr,
+    "train_loss_curve": [float(np.mean(c)) for c in np.array_split(losses, min(10, len(losses)))],
+    "final_train_loss": float(np.mean(losses[-max(len(losses) // 10, 1) :])),
+    "train_s": time.perf_counter() - start,
+  }
+  return params, record
+
+
+def evaluate(exp: Experiment, params, windows, length: int | None = None) -> dict:
+  """Mean loss per position ``[L]`` and row entropy (nats) per layer, head and position."""
   wx, wy = windows
-  if not full_eval:  # the learning-rate sweep: loss at the training length only
-    wx, wy = wx[:, : cfg["train_length"]], wy[:, : cfg["train_length"]]
+  if length is not None:
+    wx, wy = wx[:, :length], wy[:, :length]
+  cfg = exp.cfg
   loss_sum = np.zeros(wx.shape[1])
-  ent_sum = np.zeros((cfg["layers"], wx.shape[1]))
+  ent_sum = np.zeros((cfg["layers"], cfg["heads"], wx.shape[1]))
   b = cfg["eval_batch"]
   for i in range(0, len(wx), b):
     loss, ent = exp.evaluate(params, wx[i : i + b], wy[i : i + b])
     loss_sum += np.asarray(loss)
     ent_sum += np.asarray(ent)
-  run = {
-    "seed": seed,
-    "peak_lr": peak_lr,
-    "train_loss_curve": [float(np.mean(c)) for c in np.array_split(losses, min(10, len(losses)))],
-    "final_train_loss": float(np.mean(losses[-max(len(losses) // 10, 1) :])),
-    "position_loss": (loss_sum / len(wx)).tolist(),
-    "row_entropy": (ent_sum / (len(wx) * cfg["heads"])).tolist(),
-    "train_s": train_s,
-    "seconds": time.perf_counter() - start,
-  }
-  targets = exp.learned_targets(params)
-  if targets is not None:
-    run["learned_targets"] = targets
-  return run
+  return {"position_loss": loss_sum / len(wx), "entropy": ent_sum / len(wx)}
+
+
+def record_evaluation(exp: Experiment, params, windows, record: dict) -> dict:
+  """``record`` plus the evaluation figures the summaries use (rounded for the JSON)."""
+  start = time.perf_counter()
+  ev = evaluate(exp, params, windows)
+  ent = ev["entropy"]  # [layers, heads, L]
+  out = dict(record)
+  out["position_loss"] = np.round(ev["position_loss"], 5).tolist()
+  out["layer_entropy"] = np.round(ent.mean(axis=1), 5).tolist()  # [layers, L], nats
+  out["head_entropy"] = [  # [layers, heads, octaves], nats
+    [[float(np.round(h[a:b].mean(), 5)) for a, b in octaves(ent.shape[-1])] for h in layer]
+    for layer in ent
+  ]
+  learned = learned_parameters(exp.variant, params)
+  if learned is not None:
+    out["learned"] = learned
+  out["seconds"] = out.get("train_s", 0.0) + time.perf_counter() - start
+  return out
+
+
+def reference_levels(standard_run: dict, train_length: int) -> np.ndarray:
+  """Each (layer, head)'s mean entropy (nats) over the rows at the training length, those with
+  ``n_valid`` in ``(train_length / 2, train_length]``: ``[layers, heads]``."""
+  octave = int(np.log2(train_length)) - 1  # rows [L/2, L)
+  return np.asarray(standard_run["head_entropy"])[:, :, octave]
 
 
 def eval_lengths(train_length: int) -> list[int]:
@@ -357,53 +483,94 @@ def _mean_std(values) -> dict:
   return {"mean": float(np.mean(v)), "std": std, "values": v.tolist()}
 
 
+def _array_mean_std(values) -> dict:
+  v = np.asarray(values, dtype=np.float64)
+  std = np.std(v, axis=0, ddof=1) if v.shape[0] > 1 else np.zeros_like(v[0])
+  return {"mean": np.round(v.mean(axis=0), 5).tolist(), "std": np.round(std, 5).tolist()}
+
+
 def summarize(runs: list[dict], train_length: int) -> dict:
   """Per-run figures (buckets, eval lengths, entropies), then mean ± std over the runs."""
   per_run = []
   for r in runs:
     loss = np.asarray(r["position_loss"])
-    ent = np.asarray(r["row_entropy"])  # [layers, L]
+    ent = np.asarray(r["layer_entropy"])  # [layers, L] nats
+    rel = ent[:, 1:] / np.log(np.arange(2, ent.shape[1] + 1))  # rows 1.. (row 0 has log 1 = 0)
+    lengths = eval_lengths(train_length)
     per_run.append(
       {
         "bucket_loss": [float(loss[a:b].mean()) for a, b in buckets(train_length)],
-        "length_loss": [float(loss[:n].mean()) for n in eval_lengths(train_length)],
-        "length_entropy": [ent[:, 1:n].mean(axis=1).tolist() for n in eval_lengths(train_length)],
-        "bucket_entropy": [
-          ent[:, max(a, 1) : b].mean(axis=1).tolist() for a, b in buckets(train_length)
-        ],
+        "length_loss": [float(loss[:n].mean()) for n in lengths],
+        "length_entropy": [ent[:, 1:n].mean(axis=1).tolist() for n in lengths],
+        "length_relative": [rel[:, : n - 1].mean(axis=1).tolist() for n in lengths],
       }
     )
   out = {}
   for key in ("bucket_loss", "length_loss"):
     cols = np.asarray([p[key] for p in per_run])  # [seeds, 4]
     out[key] = [_mean_std(cols[:, j]) for j in range(cols.shape[1])]
-  for key in ("length_entropy", "bucket_entropy"):
+  for key in ("length_entropy", "length_relative"):
     cols = np.asarray([p[key] for p in per_run])  # [seeds, 4, layers]
     out[key] = [
       [_mean_std(cols[:, j, layer]) for layer in range(cols.shape[2])] for j in range(cols.shape[1])
     ]
-  out["final_train_loss"] = _mean_std([r["final_train_loss"] for r in runs])
-  if "learned_targets" in runs[0]:
-    t = np.asarray([r["learned_targets"] for r in runs])  # [seeds, layers, heads]
-    out["learned_targets"] = {
-      "mean": t.mean(axis=0).tolist(),
-      "std": (t.std(axis=0, ddof=1) if len(t) > 1 else np.zeros_like(t[0])).tolist(),
-    }
+  out["head_entropy"] = _array_mean_std([r["head_entropy"] for r in runs])
+  if "final_train_loss" in runs[0]:
+    out["final_train_loss"] = _mean_std([r["final_train_loss"] for r in runs])
+  if "learned" in runs[0]:
+    out["learned"] = _array_mean_std([r["learned"] for r in runs])
+  if "reference_levels" in runs[0]:
+    out["reference_levels"] = _array_mean_std([r["reference_levels"] for r in runs])
   return out
 
 
-def _train_variants(experiments, corpus, seeds, peak_lr, windows, lengths, label) -> dict:
-  runs = {v: [] for v in experiments}
+def paired_differences(summary: dict, variant: str, key: str = "bucket_loss") -> list[dict]:
+  """``variant``'s loss minus the standard model's, per bucket, paired by seed: mean, sample std
+  and how many seeds ``variant`` is better (lower) in."""
+  out = []
+  for s, b in zip(summary[variant][key], summary["standard"][key], strict=True):
+    diff = np.asarray(s["values"]) - np.asarray(b["values"])
+    std = float(np.std(diff, ddof=1)) if len(diff) > 1 else 0.0
+    out.append({"mean": float(diff.mean()), "std": std, "better": int(np.sum(diff < 0))})
+  return out
+
+
+def _log_run(label: str, variant: str, run: dict, lengths: list[int]) -> None:
+  pos = np.asarray(run["position_loss"])
+  print(
+    f"{label} seed {run['seed']} {variant:>16}: loss [0,{lengths[0]}) "
+    f"{pos[: lengths[0]].mean():.3f}, [{lengths[-2]},{lengths[-1]}) "
+    f"{pos[lengths[-2] :].mean():.3f}, {run['seconds']:.0f} s",
+    flush=True,
+  )
+
+
+def run_arm(corpus, cfg, windows, peak_lr, rope_base, trained, seeds, label) -> dict:
+  """Trains ``trained`` (standard first) for each seed, then the training-free variants on the
+  seed's standard model; the measured variants take the seed's standard reference levels."""
+  lengths = eval_lengths(cfg["train_length"])
+  variants = (*trained, *TRAINING_FREE)
+  experiments = {v: Experiment(v, corpus.vocab_size, cfg, rope_base) for v in variants}
+  runs = {v: [] for v in variants}
   for seed in seeds:
-    for variant, exp in experiments.items():
-      r = train_and_evaluate(exp, corpus, seed, peak_lr, windows)
-      runs[variant].append(r)
-      pos = np.asarray(r["position_loss"])
-      print(
-        f"{label} seed {seed} {variant:>16}: loss [0,{lengths[0]}) "
-        f"{pos[: lengths[0]].mean():.3f}, [{lengths[-2]},{lengths[-1]}) "
-        f"{pos[lengths[-2] :].mean():.3f}, {r['seconds']:.0f} s"
-      )
+    standard_params, record = train(experiments["standard"], corpus, seed, peak_lr)
+    run = record_evaluation(experiments["standard"], standard_params, windows, record)
+    levels = reference_levels(run, cfg["train_length"])
+    run["reference_levels"] = np.round(levels, 5).tolist()
+    runs["standard"].append(run)
+    _log_run(label, "standard", run, lengths)
+    for v in variants[1:]:
+      exp = experiments[v]
+      levels_v = levels if v in MEASURED else None
+      if v in TRAINING_FREE:
+        params = standard_params
+        if v in MEASURED:
+          params = with_targets(standard_params, ENTROPY[v][0], levels)
+        record = {"seed": seed}
+      else:
+        params, record = train(exp, corpus, seed, peak_lr, levels_v)
+      runs[v].append(record_evaluation(exp, params, windows, record))
+      _log_run(label, v, runs[v][-1], lengths)
   return runs
 
 
@@ -415,29 +582,30 @@ def run(quick: bool = False) -> dict:
   lengths = eval_lengths(cfg["train_length"])
   windows = eval_windows(corpus, cfg["eval_windows"], lengths[-1])
   base = critical_rope_base(cfg["train_length"], cfg["features"] // cfg["heads"])
-  experiments = {v: Experiment(v, corpus.vocab_size, cfg, base) for v in VARIANTS}
 
+  standard = Experiment("standard", corpus.vocab_size, cfg, base)
   sweep = []
   for lr in cfg["lr_grid"]:
-    r = train_and_evaluate(
-      experiments["standard"], corpus, cfg["sweep_seed"], lr, windows, full_eval=False
-    )
-    sweep.append({"peak_lr": lr, "valid_loss": float(np.mean(r["position_loss"]))})
+    params, _ = train(standard, corpus, cfg["sweep_seed"], lr)
+    loss = evaluate(standard, params, windows, cfg["train_length"])["position_loss"]
+    sweep.append({"peak_lr": lr, "valid_loss": float(np.mean(loss))})
     print(f"lr sweep (standard, seed {cfg['sweep_seed']}): {lr:g} -> {sweep[-1]['valid_loss']:.4f}")
   peak_lr = sweep[int(np.nanargmin([s["valid_loss"] for s in sweep]))]["peak_lr"]
 
   seeds = range(cfg["seeds"])
-  runs = _train_variants(experiments, corpus, seeds, peak_lr, windows, lengths, "main")
+  runs = run_arm(corpus, cfg, windows, peak_lr, base, TRAINED, seeds, "main")
   main_s = time.perf_counter() - wall
   control = None
   if cfg["control_seeds"]:
-    experiments = {v: Experiment(v, corpus.vocab_size, cfg, CONTROL_ROPE_BASE) for v in VARIANTS}
     seeds = range(cfg["control_seeds"])
-    control_runs = _train_variants(experiments, corpus, seeds, peak_lr, windows, lengths, "control")
+    control_runs = run_arm(
+      corpus, cfg, windows, peak_lr, CONTROL_ROPE_BASE, CONTROL_TRAINED, seeds, "control"
+    )
     control = {
       "rope_base": CONTROL_ROPE_BASE,
       "seeds": cfg["control_seeds"],
-      "summary": {v: summarize(control_runs[v], cfg["train_length"]) for v in VARIANTS},
+      "variants": list(control_runs),
+      "summary": {v: summarize(r, cfg["train_length"]) for v, r in control_runs.items()},
       "runs": control_runs,
     }
   return {
@@ -445,10 +613,17 @@ def run(quick: bool = False) -> dict:
       **cfg,
       "quick": quick,
       "variants": list(VARIANTS),
-      "target_entropy": TARGET,
+      "trained": list(TRAINED),
+      "training_free": list(TRAINING_FREE),
+      "targets": {v: {"keyword": k, "learned": learned} for v, (k, learned) in ENTROPY.items()},
+      "reference_levels": "standard model's mean row entropy (nats) per (layer, head) over rows "
+      "with n_valid in (train_length/2, train_length], same seed",
+      "fraction_initial": FRACTION,
+      "ssmax_initial_s": 1.0 / float(np.log(cfg["train_length"])),
       "rope_base": base,
       "eval_lengths": lengths,
       "buckets": buckets(cfg["train_length"]),
+      "octaves": octaves(lengths[-1]),
       "schedule": "adamw, warmup 10% then cosine to peak/10, weight decay 0.1 (matrices), clip 1",
       "std": "sample standard deviation over seeds (ddof=1)",
     },
@@ -466,13 +641,43 @@ def run(quick: bool = False) -> dict:
   }
 
 
+LABELS = {
+  "standard": "standard",
+  "log_n": "log-n scale",
+  "ssmax": "SSMax (s learned)",
+  "nats_fixed": "entropy, nats fixed",
+  "nats_learned": "entropy, nats learned",
+  "ceiling": "ceiling (max_entropy)",
+  "fraction_learned": "entropy, fraction learned",
+  "log_n_eval": "log-n at eval only",
+  "cap_eval": "cap at eval only",
+  "hold_eval": "hold at eval only",
+}
+
+
 def _pm(s: dict, digits: int = 3) -> str:
   return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
 
 
-def _beyond_spread(a: dict, b: dict) -> bool:
-  """True when the mean ± std intervals of ``a`` and ``b`` do not overlap."""
-  return abs(a["mean"] - b["mean"]) > a["std"] + b["std"]
+def _differences_table(summary: dict, variants, bks: list[str]) -> str:
+  rows = []
+  for v in variants:
+    if v == "standard":
+      continue
+    seeds = len(summary[v]["bucket_loss"][0]["values"])
+    cells = [
+      f"{d['mean']:+.3f} ± {d['std']:.3f} ({d['better']}/{seeds})"
+      for d in paired_differences(summary, v)
+    ]
+    rows.append([v, *cells])
+  return common.markdown_table(["variant", *bks], rows)
+
+
+def _head_lines(stats: dict, digits: int = 2) -> str:
+  return "; ".join(
+    f"L{i}: " + ", ".join(f"{m:.{digits}f}±{s:.{digits}f}" for m, s in zip(mu, sd, strict=True))
+    for i, (mu, sd) in enumerate(zip(stats["mean"], stats["std"], strict=True))
+  )
 
 
 def markdown(result: dict) -> str:
@@ -480,6 +685,7 @@ def markdown(result: dict) -> str:
   summ = result["summary"]
   variants = cfg["variants"]
   bks = [f"[{a},{b})" for a, b in cfg["buckets"]]
+  heads = [f"L={n}" for n in cfg["eval_lengths"]]
   parts = []
   sweep = ", ".join(f"{s['peak_lr']:g}: {s['valid_loss']:.3f}" for s in result["lr_sweep"]["runs"])
   env = result["environment"]
@@ -493,10 +699,12 @@ def markdown(result: dict) -> str:
     f"{cfg['batch']}, {cfg['steps']} steps ({cfg['schedule']}), peak lr "
     f"{result['lr_sweep']['chosen_peak_lr']:g} chosen for the standard model (validation loss at "
     f"{cfg['train_length']} tokens, seed {cfg['sweep_seed']}: {sweep}) and reused for every "
-    f"variant. Entropy targets: relative {cfg['target_entropy']} (fixed, or the initial value "
-    f"when learned). {cfg['seeds']} seeds (0..{cfg['seeds'] - 1}), mean ± sample std; evaluated "
-    f"on {cfg['eval_windows']} validation windows of {cfg['eval_lengths'][-1]} characters. Wall "
-    f"time {wall} on {env['cpu_count']} CPUs ({env['cpu_model']}), jax {env['jax']}."
+    f"variant. Reference levels (the nats targets and ceilings): {cfg['reference_levels']}. "
+    f"Training-free variants (`*_eval`) reuse the trained standard model and change only rows with "
+    f"more than {cfg['train_length']} keys. {cfg['seeds']} seeds (0..{cfg['seeds'] - 1}), mean ± "
+    f"sample std; evaluated on {cfg['eval_windows']} validation windows of "
+    f"{cfg['eval_lengths'][-1]} characters. Wall time {wall} on {env['cpu_count']} CPUs "
+    f"({env['cpu_model']}), jax {env['jax']}."
   )
   rows = [[v, *(_pm(s) for s in summ[v]["bucket_loss"])] for v in variants]
   parts.append(
@@ -504,10 +712,14 @@ def markdown(result: dict) -> str:
     + common.markdown_table(["variant", *bks], rows)
   )
   rows = [[v, *(_pm(s) for s in summ[v]["length_loss"])] for v in variants]
-  heads = [f"L={n}" for n in cfg["eval_lengths"]]
   parts.append(
     "Validation loss (nats/char) over all positions of an evaluation length L:\n\n"
     + common.markdown_table(["variant", *heads], rows)
+  )
+  parts.append(
+    "Loss minus the standard model's per bucket (negative: better), mean ± std of the "
+    "differences paired by seed (same initialization and data order), and in how many seeds the "
+    "variant is better:\n\n" + _differences_table(summ, variants, bks)
   )
   rows = []
   for v in variants:
@@ -517,36 +729,50 @@ def markdown(result: dict) -> str:
     ]
     rows.append([v, *cells])
   parts.append(
-    "Attention entropy / log n (mean over query rows, per layer L0 / L1 ...) at each evaluation "
-    "length:\n\n" + common.markdown_table(["variant", *heads], rows)
+    "Attention entropy in nats (mean over query rows < L, per layer L0 / L1 ...):\n\n"
+    + common.markdown_table(["variant", *heads], rows)
   )
-  # Differences to the standard model, per bucket: paired by seed (same data order).
   rows = []
-  base = summ["standard"]["bucket_loss"]
-  for v in variants[1:]:
-    cells = []
-    for s, b in zip(summ[v]["bucket_loss"], base, strict=True):
-      diff = np.asarray(s["values"]) - np.asarray(b["values"])
-      spread = np.std(diff, ddof=1) if len(diff) > 1 else 0.0
-      mark = " *" if _beyond_spread(s, b) else ""
-      cells.append(f"{diff.mean():+.3f} ± {spread:.3f}{mark}")
+  for v in variants:
+    cells = [" / ".join(f"{e['mean']:.2f}" for e in per) for per in summ[v]["length_relative"]]
     rows.append([v, *cells])
   parts.append(
-    "Loss minus the standard model's per bucket (negative: better), mean ± std of the "
-    "differences paired by seed; * where the two variants' mean ± std intervals do not overlap "
-    "(larger than the seed spread; a heuristic, not a test):\n\n"
-    + common.markdown_table(["variant", *bks], rows)
+    "The same relative to log n_valid (the earlier table's unit):\n\n"
+    + common.markdown_table(["variant", *heads], rows)
   )
-  if "learned_targets" in summ.get("entropy_learned", {}):
-    t = summ["entropy_learned"]["learned_targets"]
-    lines = [
-      f"layer {i}: " + ", ".join(f"{m:.2f}±{s:.2f}" for m, s in zip(mu, sd, strict=True))
-      for i, (mu, sd) in enumerate(zip(t["mean"], t["std"], strict=True))
-    ]
+  labels = octave_labels(cfg["eval_lengths"][-1])
+  rows = []
+  for v in variants:
+    mean = np.asarray(summ[v]["head_entropy"]["mean"])  # [layers, heads, octaves]
+    for layer, per_head in enumerate(mean):
+      rows.append([f"{v} L{layer}", *(f"{x:.2f}" for x in per_head.mean(axis=0))])
+  parts.append(
+    "Entropy (nats) by key count n_valid, mean over the layer's heads and the seeds; each head's "
+    "own curve is in the JSON (`summary.<variant>.head_entropy`) and the figure:\n\n"
+    + common.markdown_table(["variant, layer", *labels], rows)
+  )
+  ref = summ["standard"]["reference_levels"]
+  octave = len(labels) - 1
+  growth = np.asarray(summ["standard"]["head_entropy"]["mean"])[:, :, octave]
+  parts.append(
+    "Reference levels per head (the standard model's entropy at the training length, nats, mean ± "
+    f"std over seeds): {_head_lines(ref)}. The standard model's heads at {labels[-1]} keys: "
+    + "; ".join(f"L{i}: " + ", ".join(f"{x:.2f}" for x in layer) for i, layer in enumerate(growth))
+    + "."
+  )
+  names = {
+    "ssmax": "SSMax s",
+    "nats_learned": "learned nats",
+    "fraction_learned": "learned fraction",
+  }
+  lines = [
+    f"{names[v]}: {_head_lines(summ[v]['learned'])}" for v in names if "learned" in summ.get(v, {})
+  ]
+  if lines:
     parts.append(
-      "Learned relative targets per head (mean ± std over seeds): " + "; ".join(lines) + "."
+      "Learned parameters per (layer, head), mean ± std over seeds: " + " | ".join(lines) + "."
     )
-  rows = [[v, _pm(summ[v]["final_train_loss"])] for v in variants]
+  rows = [[v, _pm(summ[v]["final_train_loss"])] for v in variants if "final_train_loss" in summ[v]]
   parts.append(
     "Training loss (mean of the last 10% of steps):\n\n"
     + common.markdown_table(["variant", "train loss"], rows)
@@ -554,58 +780,67 @@ def markdown(result: dict) -> str:
   control = result.get("control")
   if control:
     cs = control["summary"]
-    rows = [[v, *(_pm(s) for s in cs[v]["bucket_loss"])] for v in variants]
+    cv = control["variants"]
+    rows = [[v, *(_pm(s) for s in cs[v]["bucket_loss"])] for v in cv]
     parts.append(
-      f"Control arm, RoPE base {control['rope_base']:g}, {control['seeds']} seed(s) (std 0 with "
-      "one seed), same learning rate: validation loss (nats/char) per position bucket:\n\n"
+      f"Control arm, RoPE base {control['rope_base']:g}, {control['seeds']} seed(s), same learning "
+      "rate: validation loss (nats/char) per position bucket:\n\n"
       + common.markdown_table(["variant", *bks], rows)
     )
+    parts.append(
+      "Control arm: loss minus its standard model's, paired by seed:\n\n"
+      + _differences_table(cs, cv, bks)
+    )
     rows = []
-    for v in variants:
+    for v in cv:
       cells = [" / ".join(f"{e['mean']:.2f}" for e in per) for per in cs[v]["length_entropy"]]
       rows.append([v, *cells])
     parts.append(
-      "Control arm: attention entropy / log n per layer at each evaluation length:\n\n"
+      "Control arm: attention entropy (nats) per layer at each evaluation length:\n\n"
       + common.markdown_table(["variant", *heads], rows)
     )
   return "\n\n".join(parts) + "\n"
 
 
-COLORS = {
-  "standard": "tab:red",
-  "log_n": "tab:orange",
-  "entropy_fixed": "tab:blue",
-  "entropy_learned": "tab:green",
+STYLE = {  # colour, marker, line style (training-free variants dashed)
+  "standard": ("tab:red", "o", "-"),
+  "log_n": ("tab:orange", "s", "-"),
+  "ssmax": ("tab:brown", "v", "-"),
+  "nats_fixed": ("tab:blue", "^", "-"),
+  "nats_learned": ("tab:cyan", "D", "-"),
+  "ceiling": ("tab:purple", "P", "-"),
+  "fraction_learned": ("tab:green", "X", "-"),
+  "log_n_eval": ("tab:orange", "s", "--"),
+  "cap_eval": ("tab:purple", "P", "--"),
+  "hold_eval": ("tab:blue", "^", "--"),
 }
-MARKERS = {"standard": "o", "log_n": "s", "entropy_fixed": "^", "entropy_learned": "D"}
 
 
-def _errorbar(ax, x, stats: list[dict], variant: str) -> None:
-  """One variant's ``_mean_std`` entries at ``x`` (mean, ± std bars) in its marker and colour."""
-  ax.errorbar(
-    x,
-    [e["mean"] for e in stats],
-    yerr=[e["std"] for e in stats],
-    fmt=MARKERS[variant] + "-",
-    color=COLORS[variant],
-    label=variant,
-    capsize=3,
-    ms=5,
-  )
-
-
-def _bucket_panel(ax, summary, cfg, variants, title):
+def _differences_panel(ax, summary, cfg, variants, title):
   x = np.arange(len(cfg["buckets"]))
-  width = 0.3 / len(variants)
-  for i, v in enumerate(variants):
-    _errorbar(ax, x + (i - (len(variants) - 1) / 2) * width, summary[v]["bucket_loss"], v)
-  ax.axvspan(-0.5, 0.5, color="0.92", zorder=0, label=f"trained length ({cfg['train_length']})")
+  others = [v for v in variants if v != "standard"]
+  width = 0.6 / len(others)
+  for i, v in enumerate(others):
+    d = paired_differences(summary, v)
+    color, marker, ls = STYLE[v]
+    ax.errorbar(
+      x + (i - (len(others) - 1) / 2) * width,
+      [e["mean"] for e in d],
+      yerr=[e["std"] for e in d],
+      fmt=marker,
+      color=color,
+      mfc="white" if ls == "--" else color,
+      label=LABELS[v],
+      capsize=2,
+      ms=5,
+    )
+  ax.axhline(0, color="tab:red", lw=1)
+  ax.axvspan(-0.5, 0.5, color="0.92", zorder=0)
   ax.set_xticks(x, [f"[{a},{b})" for a, b in cfg["buckets"]])
   ax.set_xlim(-0.5, len(x) - 0.5)
-  ax.set_xlabel("position bucket (tokens)")
-  ax.set_ylabel("validation loss (nats/char)")
+  ax.set_xlabel("position bucket (tokens; grey: trained length)")
+  ax.set_ylabel("loss − standard's (nats/char), paired by seed")
   ax.set_title(title, fontsize=10)
-  ax.legend(fontsize=8)
 
 
 def plot(result: dict, path: pathlib.Path) -> None:
@@ -616,29 +851,51 @@ def plot(result: dict, path: pathlib.Path) -> None:
   variants = cfg["variants"]
   layers = cfg["layers"]
   control = result.get("control")
-  panels = 1 + layers + (1 if control else 0)
-  fig, axes = plt.subplots(1, panels, figsize=(4.8 * panels, 4.4))
-  title = f"RoPE base {cfg['rope_base']:.0f}: loss by position\n(mean ± std, {cfg['seeds']} seeds)"
-  _bucket_panel(axes[0], summ, cfg, variants, title)
-  lengths = cfg["eval_lengths"]
-  for layer in range(layers):
-    ax = axes[1 + layer]
-    for v in variants:
-      _errorbar(ax, lengths, [per[layer] for per in summ[v]["length_entropy"]], v)
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(lengths, [str(n) for n in lengths])
-    ax.axvline(cfg["train_length"], color="0.6", ls=":", lw=1)
-    ax.set_ylim(0, 1)
-    ax.set_xlabel("evaluation length L (tokens)")
-    ax.set_ylabel("attention entropy / log n_valid")
-    ax.set_title(f"Layer {layer}: H / log n over query rows < L\n(mean ± std)", fontsize=10)
-    ax.legend(fontsize=8)
+  labels = octave_labels(cfg["eval_lengths"][-1])
+  x = np.arange(len(labels))
+  fig, axes = plt.subplots(2, 2 + layers // 2, figsize=(17, 10), squeeze=False)
+  axes = axes.ravel()
+  title = f"RoPE base {cfg['rope_base']:.0f}: loss vs standard\n(mean ± std, {cfg['seeds']} seeds)"
+  _differences_panel(axes[0], summ, cfg, variants, title)
   if control:
-    title = (
-      f"Control, RoPE base {control['rope_base']:g}: loss by position\n"
-      f"({control['seeds']} seed{'s' if control['seeds'] > 1 else ''})"
-    )
-    _bucket_panel(axes[-1], control["summary"], cfg, variants, title)
+    seeds = f"{control['seeds']} seed{'s' if control['seeds'] > 1 else ''}"
+    title = f"Control, RoPE base {control['rope_base']:g}: loss vs standard\n(mean ± std, {seeds})"
+    _differences_panel(axes[1], control["summary"], cfg, control["variants"], title)
+  for layer in range(layers):
+    ax = axes[2 + layer]
+    top = 0.0
+    for v in variants:
+      mean = np.asarray(summ[v]["head_entropy"]["mean"])[layer].mean(axis=0)
+      top = max(top, mean.max())
+      color, marker, ls = STYLE[v]
+      mfc = "white" if ls == "--" else color
+      ax.plot(x, mean, ls=ls, marker=marker, color=color, mfc=mfc, ms=5, label=LABELS[v])
+    ax.plot(x, np.log([int(s.split("-")[-1]) for s in labels]), ":", color="0.5", label="log n")
+    ax.set_ylim(0, 1.1 * top)  # log n (the ceiling of every row) runs off the top
+    ax.set_xticks(x, labels, rotation=45, fontsize=7)
+    ax.set_xlabel("keys per row n_valid")
+    ax.set_ylabel("attention entropy (nats)")
+    ax.set_title(f"Layer {layer}: entropy by key count (mean over heads)", fontsize=10)
+    ax.axvline(np.log2(cfg["train_length"]) - 1, color="0.6", ls=":", lw=1)
+  ax = axes[2 + layers]
+  std = np.asarray(summ["standard"]["head_entropy"]["mean"])  # [layers, heads, octaves]
+  for layer in range(layers):
+    for h in range(std.shape[1]):
+      ax.plot(x, std[layer, h], ["-", "--"][layer % 2], color=f"C{h}", lw=1.2,
+              label=f"L{layer} head {h}")  # fmt: skip
+  ax.axvline(np.log2(cfg["train_length"]) - 1, color="0.6", ls=":", lw=1)
+  ax.set_xticks(x, labels, rotation=45, fontsize=7)
+  ax.set_xlabel("keys per row n_valid")
+  ax.set_ylabel("attention entropy (nats)")
+  ax.set_title("Standard model: each head's entropy by key count\n(the reference is the octave "
+               "ending at the trained length)", fontsize=10)  # fmt: skip
+  ax.legend(fontsize=7, ncol=2)
+  for ax in axes[3 + layers :]:
+    ax.axis("off")
+  # One legend for every panel (the same colours and markers; training-free variants hollow).
+  handles, names = axes[2].get_legend_handles_labels()
+  legend_ax = axes[-1] if len(axes) > 3 + layers else axes[0]
+  legend_ax.legend(handles, names, fontsize=9, loc="center", title="variant")
   fig.tight_layout()
   common.write_figure(fig, path)
 

@@ -20,6 +20,7 @@ from entnorm_jax._src.functions import (
   entropy_softmax_cross_entropy_with_integer_labels as entropy_softmax_cross_entropy_with_integer_labels,  # noqa: E501
 )
 from entnorm_jax._src.functions import solve_gamma as solve_gamma
+from entnorm_jax._src.solver import SolveInfo as SolveInfo
 
 try:
   __version__ = _metadata.version("entnorm_jax")
@@ -27,6 +28,7 @@ except _metadata.PackageNotFoundError:  # running from a source tree that is not
   __version__ = "0.0.0"
 
 __all__ = [
+  "SolveInfo",
   "entropy",
   "entropy_log_softmax",
   "entropy_normalize",

@@ -310,6 +310,21 @@ def entropy_attention(
   )  # fmt: skip
 
 
+def _shard_map(body, mesh: Mesh, in_specs, out_specs):
+  """``jax.shard_map`` of ``body``; on a mesh with ``Explicit`` axes (``jax.make_mesh``'s default)
+  the arguments are first resharded to ``in_specs``, as ``shard_map`` requires there."""
+  run = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+  explicit = jax.sharding.AxisType.Explicit in getattr(mesh, "axis_types", ())
+  if not explicit:
+    return run
+
+  def resharded(*args):
+    put = lambda a, spec: jax.sharding.reshard(a, jax.sharding.NamedSharding(mesh, spec))
+    return run(*jax.tree.map(put, args, tuple(in_specs[: len(args)])))
+
+  return resharded
+
+
 def _sharded_engine(mesh: Mesh, axis_name: str, mask_sharded: bool | None) -> Engine:
   """The blockwise engine with keys and values sharded along the sequence over ``axis_name``.
 
@@ -331,8 +346,7 @@ def _sharded_engine(mesh: Mesh, axis_name: str, mask_sharded: bool | None) -> En
     )
     out_specs = (rep, rep, Rows(*(rep for _ in Rows._fields)))
     in_specs = (rep, seq, seq, rep, rep, seq, *mask_spec)
-    run = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
-    return run(q, k, v, target, q_ok, k_ok, *masks)
+    return _shard_map(body, mesh, in_specs, out_specs)(q, k, v, target, q_ok, k_ok, *masks)
 
   def backward(cfg, q, k, v, q_ok, k_ok, mask, rows, coef, delta, d_out):
     masks = () if mask is None else (mask,)
@@ -342,9 +356,7 @@ def _sharded_engine(mesh: Mesh, axis_name: str, mask_sharded: bool | None) -> En
 
     rows_spec = Rows(*(rep for _ in Rows._fields))
     in_specs = (rep, seq, seq, rep, seq, rows_spec, rep, rep, rep, *mask_spec)
-    run = jax.shard_map(
-      body, mesh=mesh, in_specs=in_specs, out_specs=(rep, seq, seq), check_vma=False
-    )
+    run = _shard_map(body, mesh, in_specs, (rep, seq, seq))
     return run(q, k, v, q_ok, k_ok, rows, coef, delta, d_out, *masks)
 
   return Engine(forward, backward)

@@ -60,61 +60,117 @@ def test_rope_logits_depend_on_relative_position_only():
   np.testing.assert_allclose(logit(3, 1), logit(40, 38), rtol=1e-4, atol=1e-5)
 
 
+def _targets(variant):
+  """The target keyword the module would pass to ``variant``'s attention_fn (1.2 nats, 0.5)."""
+  if variant not in extrapolation.ENTROPY:
+    return {}
+  keyword = extrapolation.ENTROPY[variant][0]
+  return {keyword: jnp.asarray(0.5 if keyword == "target_fraction" else 1.2)}
+
+
 @pytest.mark.parametrize("variant", extrapolation.VARIANTS)
 def test_attention_fns_are_causal_and_normalized(variant):
   length, train_length = 12, 8
   q, k, v = jax.random.normal(jax.random.key(1), (3, 2, length, 2, 4))
   mask = jnp.tril(jnp.ones((length, length), bool))[None, None]
-  fn = extrapolation.make_attention_fn(variant, train_length, 10.0)
-  out = fn(q, k, v, mask=mask)
+  s = jnp.full((2,), 1 / np.log(train_length))  # SSMax's s at its initial value
+  fn = extrapolation.make_attention_fn(variant, train_length, 10.0, ssmax_s=s)
+  out = fn(q, k, v, mask=mask, **_targets(variant))
   # Causal: the first rows do not see the later keys.
-  out_prefix = fn(q[:, :5], k[:, :5], v[:, :5], mask=mask[..., :5, :5])
+  out_prefix = fn(q[:, :5], k[:, :5], v[:, :5], mask=mask[..., :5, :5], **_targets(variant))
   np.testing.assert_allclose(out[:, :5], out_prefix, rtol=1e-4, atol=1e-5)
-  if variant == "log_n":  # the row with n_valid = train_length has scale 1: standard attention
-    std = extrapolation.make_attention_fn("standard", train_length, 10.0)(q, k, v, mask=mask)
+  std = extrapolation.make_attention_fn("standard", train_length, 10.0)(q, k, v, mask=mask)
+  if variant in ("log_n", "ssmax"):  # scale 1 at n_valid = train_length: standard attention
     row = train_length - 1
     np.testing.assert_allclose(out[:, row], std[:, row], rtol=1e-4, atol=1e-5)
     assert not np.allclose(out[:, -1], std[:, -1], atol=1e-4)
+  if variant in extrapolation.TRAINING_FREE:  # rows up to the trained length are untouched
+    np.testing.assert_allclose(out[:, :train_length], std[:, :train_length], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(out[:, train_length:], std[:, train_length:], atol=1e-4)
 
 
-def test_prefix_of_a_long_window_is_the_short_evaluation(corpus):
+def test_experiment_rows_sit_on_their_targets_and_prefixes_are_short_evaluations(corpus):
   # Causal attention: one pass at the longest length gives every shorter evaluation.
   cfg = dict(TINY_EXTRAPOLATION)
-  exp = extrapolation.Experiment("entropy_fixed", corpus.vocab_size, cfg, 5.0)
-  params, _ = exp.init(0)
+  exp = extrapolation.Experiment("nats_fixed", corpus.vocab_size, cfg, 5.0)
+  levels = np.array([[1.5, 0.8]])  # [layers, heads], nats
+  params, _ = exp.init(0, levels)
   x, y = extrapolation.eval_windows(corpus, 2, 32)
   loss_long, ent_long = exp.evaluate(params, x, y)
   loss_short, ent_short = exp.evaluate(params, x[:, :8], y[:, :8])
   np.testing.assert_allclose(loss_long[:8], loss_short, rtol=1e-4, atol=1e-4)
-  np.testing.assert_allclose(ent_long[:, :8], ent_short, rtol=1e-4, atol=1e-4)
-  # Entropy-normalized rows sit on their relative target (0.5) at every length.
-  np.testing.assert_allclose(np.asarray(ent_long)[:, 1:] / (2 * cfg["heads"]), 0.5, atol=2e-3)
+  np.testing.assert_allclose(ent_long[..., :8], ent_short, rtol=1e-4, atol=1e-4)
+  # Each head's rows hold its level in nats, or log n_valid where a row cannot reach it.
+  n_valid = np.arange(1, 33)
+  want = np.minimum(levels[0][:, None], np.log(n_valid))
+  np.testing.assert_allclose(np.asarray(ent_long)[0] / 2, want, atol=2e-3)
+
+
+@pytest.mark.parametrize(("variant", "moves"), [("nats_fixed", False), ("nats_learned", True)])
+def test_fixed_targets_stay_and_learned_ones_train(corpus, variant, moves):
+  cfg = dict(TINY_EXTRAPOLATION)
+  exp = extrapolation.Experiment(variant, corpus.vocab_size, cfg, 5.0)
+  levels = np.array([[1.5, 0.8]])
+  params, opt_state = exp.init(0, levels)
+  np.testing.assert_allclose(
+    extrapolation.learned_parameters("nats_learned", params), levels, rtol=1e-5
+  )
+  x, y = next(corpus.batches(0, 2, 8))
+  for _ in range(3):
+    params, opt_state, _ = exp.step(params, opt_state, x, y, jnp.float32(1e-2))
+  after = np.asarray(extrapolation.learned_parameters("nats_learned", params))
+  assert np.allclose(after, levels, rtol=1e-6) != moves
+
+
+def test_reference_levels_are_the_octave_ending_at_the_trained_length():
+  assert extrapolation.octaves(16) == [(1, 2), (2, 4), (4, 8), (8, 16)]
+  assert extrapolation.octave_labels(16) == ["2", "3-4", "5-8", "9-16"]
+  head_entropy = np.arange(2 * 3 * 4, dtype=float).reshape(2, 3, 4)  # [layers, heads, octaves]
+  levels = extrapolation.reference_levels({"head_entropy": head_entropy.tolist()}, 8)
+  np.testing.assert_array_equal(levels, head_entropy[:, :, 2])  # rows [4, 8): n_valid 5..8
 
 
 def test_extrapolation_run_tiny(monkeypatch, tmp_path):
   monkeypatch.setitem(extrapolation.SIZES, True, dict(TINY_EXTRAPOLATION))
-  # One plain and one entropy variant (each compiles its own model twice: the main and the control
-  # arm); the four variants' attention functions are checked above.
-  monkeypatch.setattr(extrapolation, "VARIANTS", ("standard", "entropy_learned"))
+  # A plain, a learned-scale and a measured variant, and one training-free variant (each compiles
+  # its model once per arm); every variant's attention function is checked above, the learned
+  # targets' training below.
+  trained = ("standard", "ssmax", "ceiling")
+  monkeypatch.setattr(extrapolation, "TRAINED", trained)
+  monkeypatch.setattr(extrapolation, "TRAINING_FREE", ("hold_eval",))
+  monkeypatch.setattr(extrapolation, "VARIANTS", (*trained, "hold_eval"))
+  monkeypatch.setattr(extrapolation, "CONTROL_TRAINED", ("standard",))
   result = extrapolation.run(quick=True)
   json.dumps(result)
   cfg = result["config"]
   assert cfg["eval_lengths"] == [8, 16, 32, 64] and len(cfg["buckets"]) == 4
   assert result["lr_sweep"]["chosen_peak_lr"] in (1e-3, 3e-3)
+  summary = result["summary"]
   for variant in extrapolation.VARIANTS:
-    summ = result["summary"][variant]
+    summ = summary[variant]
     assert len(summ["bucket_loss"]) == 4 and all(
       np.isfinite(s["mean"]) for s in summ["bucket_loss"]
     )
     assert all(s["std"] >= 0 and len(s["values"]) == 2 for s in summ["bucket_loss"])
-    ent = [per[0]["mean"] for per in summ["length_entropy"]]
-    assert all(0 <= e <= 1 for e in ent), (variant, ent)
-    if variant.startswith("entropy"):
-      np.testing.assert_allclose(ent, 0.5, atol=0.02)
-  assert len(result["summary"]["entropy_learned"]["learned_targets"]["mean"][0]) == 2
-  assert set(result["control"]["summary"]) == set(extrapolation.VARIANTS)
+    rel = [per[0]["mean"] for per in summ["length_relative"]]
+    assert all(0 <= e <= 1 for e in rel), (variant, rel)
+    assert np.asarray(summ["head_entropy"]["mean"]).shape == (1, 2, 6)
+  # The ceiling holds every head at or below its seed's reference level; the training-free hold
+  # changes nothing up to the trained length and holds the level beyond it.
+  levels = np.asarray([r["reference_levels"] for r in result["runs"]["standard"]])  # [seeds, 1, 2]
+  for seed, run in enumerate(result["runs"]["ceiling"]):
+    assert np.all(np.asarray(run["head_entropy"]) <= levels[seed][..., None] + 2e-3)
+  for seed, run in enumerate(result["runs"]["hold_eval"]):
+    std = result["runs"]["standard"][seed]
+    np.testing.assert_allclose(run["position_loss"][:8], std["position_loss"][:8], atol=1e-5)
+    held = np.asarray(run["head_entropy"])[..., 3:]  # octaves past the trained length
+    np.testing.assert_allclose(
+      held, np.broadcast_to(levels[seed][..., None], held.shape), atol=2e-3
+    )
+  assert len(summary["ssmax"]["learned"]["mean"][0]) == 2
+  assert set(result["control"]["summary"]) == {"standard", "hold_eval"}
   text = extrapolation.markdown(result)
-  assert "[0,8)" in text and "Control arm" in text and "±" in text
+  assert "[0,8)" in text and "Control arm" in text and "±" in text and "(0/2)" in text
   png = tmp_path / "extrapolation.png"
   extrapolation.plot(result, png)
   assert png.stat().st_size > 0
@@ -132,6 +188,11 @@ def test_attention_collapse_run_tiny(monkeypatch, tmp_path):
   summ = result["summary"]["no_warmup/entropy_fixed"]
   np.testing.assert_allclose(summ["final_entropy_per_layer"]["mean"], 0.5, atol=0.02)
   assert len(result["summary"]["warmup/entropy_learned"]["learned_targets"]["mean"][0]) == 4
+  for setting in attention_collapse.SETTINGS:  # a floor holds every layer's mean at or above it
+    floor = result["summary"][f"{setting}/entropy_floor"]
+    assert np.all(np.asarray(floor["final_entropy_per_layer"]["mean"]) >= 0.5 - 0.02)
+    touched = np.asarray(floor["final_floor_touched_per_layer"]["mean"])
+    assert touched.shape == (1,) and np.all((touched >= 0) & (touched <= 1))
   text = attention_collapse.markdown(result)
   assert "±" in text and "seed spread" in text
   png = tmp_path / "attention_collapse.png"

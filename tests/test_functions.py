@@ -9,10 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import float64, float64_arrays, tolerance
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import entnorm_jax as en
+from entnorm_jax._src.solver import MAX_EVALUATIONS
 
 
 def np_entropy(q):
@@ -63,6 +64,12 @@ def test_accuracy_battery_float32(rng, n):
     err = np.abs(np_entropy(q) - targets)
     worst = max(worst, err.max())
     assert err.max() <= 2e-4, (name, err.max())
+    # Every row reports convergence, well before the evaluation cap.
+    _, info = en.solve_gamma(xs, jnp.asarray(targets, jnp.float32), return_info=True)
+    assert np.all(info.converged), (name, np.flatnonzero(~np.asarray(info.converged)))
+    assert (
+      1 <= info.evaluations.min() and info.evaluations.max() < MAX_EVALUATIONS[np.dtype(np.float32)]
+    )
   assert worst > 0.0  # the comparison really ran
 
 
@@ -73,6 +80,37 @@ def test_accuracy_float64(x64, rng):
     q = en.entropy_softmax(xs, jnp.asarray(targets))
     assert q.dtype == jnp.float64
     np.testing.assert_allclose(np_entropy(q), targets, atol=1e-10)
+    _, info = en.solve_gamma(xs, jnp.asarray(targets), return_info=True)
+    assert np.all(info.converged) and info.evaluations.max() < MAX_EVALUATIONS[np.dtype(np.float64)]
+
+
+def test_convergence_is_reported():
+  # Near-ties: three logits within 2e-3 at the top. One fixed step does not reach 0.3 nats (the
+  # row says so); the adaptive solve does, in a few passes.
+  row = jnp.array([[1.0, 1.0 - 1e-3, 1.0 - 2e-3, 0.5, 0.2, 0.1, -0.3, -1.0]])
+  d = np.asarray(row[0], np.float64) - 1.0  # float64 from here on
+
+  def error(gamma):
+    e = np.exp(float(gamma[0]) * d)
+    return abs(np_entropy(e / e.sum()) - 0.3)
+
+  solve = jax.jit(en.solve_gamma, static_argnames=("num_iters", "return_info"))
+  gamma, info = solve(row, 0.3, num_iters=1, return_info=True)
+  assert info.converged.dtype == bool and info.evaluations.dtype == jnp.int32
+  assert not info.converged[0] and info.evaluations[0] == 2  # the first pass and one step
+  tol = 2e-6 * np.log(8)  # the solver's stopping tolerance in float32
+  assert error(gamma) > tol
+  gamma, info = solve(row, 0.3, return_info=True)
+  assert info.converged[0] and 2 < info.evaluations[0] < MAX_EVALUATIONS[np.dtype(np.float32)]
+  assert error(gamma) <= 2 * tol  # (γ rounded to float32 moves the entropy by ~1e-6 here)
+  # Edges and held rows are solved by construction (one pass); a NaN row is not converged.
+  rows = jnp.array([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0], [1.0, jnp.nan, 0.0], [0.0, 0.1, 5.0]])
+  _, info = solve(rows, jnp.array([5.0, 0.0, 0.5, 0.2]), return_info=True)
+  np.testing.assert_array_equal(info.converged, [True, True, False, True])
+  np.testing.assert_array_equal(info.evaluations[:3], 1)
+  _, info = en.solve_gamma(rows[:2], min_entropy=0.01, max_entropy=1.09, return_info=True)
+  np.testing.assert_array_equal(info.converged, True)
+  np.testing.assert_array_equal(info.evaluations, 1)  # inside the bounds: held at γ = 1
 
 
 def test_seed_example_matches_numpy_reference():
@@ -194,6 +232,10 @@ def test_entropy_normalize_keeps_zeros_and_order(rng):
   data=st.lists(st.floats(-20, 20, allow_nan=False, width=32), min_size=2, max_size=24),
   frac=st.floats(0.0, 1.0),  # a fraction above 1 has no meaning (a NaN row: test_targets)
 )
+# Targets at and just above the argmax edge log m, where the entropy check once had an exemption.
+@example(data=[1.0, 1.0, 0.0, -1.0], frac=0.5)  # 0.5 · log 4 = log 2 = log m: on the edge
+@example(data=[2.0, 2.0, 2.0, -5.0], frac=0.8)  # 0.011 nats above log 3
+@example(data=[3.0, 0.0, -2.0, 1.0, 0.5], frac=1e-4)  # 1.6e-4 nats above log 1 = 0
 def test_property_order_range_and_sum(data, frac):
   x = np.asarray(data, np.float32)
   n = len(x)
@@ -209,7 +251,7 @@ def test_property_order_range_and_sum(data, frac):
   # Entropy lands on the clamped target.
   m = np.sum(x == x.max())
   target = np.clip(frac * np.log(n), np.log(m), np.log(n))
-  assert abs(np_entropy(q) - target) <= 2e-4 or (frac * np.log(n) <= np.log(m) + 1e-3)
+  assert abs(np_entropy(q) - target) <= 2e-4, (np_entropy(q), target, m)
 
 
 _PAD = 24
@@ -329,6 +371,29 @@ def test_rows_do_not_depend_on_their_batch(rng):
   np.testing.assert_allclose(batch[::13], alone, rtol=2e-6)
   np.testing.assert_allclose(f(x, t, implementation="xla"), batch, rtol=2e-6)
   np.testing.assert_allclose(f(x[::-1], t[::-1])[::-1], batch, rtol=2e-6)
+
+
+def test_uneven_tiles_match_the_whole_array_layout(rng, monkeypatch):
+  # Tiles of 4 rows of 37 over 11 rows: no tile size in [2, 4] divides 11, so the forward pass
+  # runs three blocks, the last overlapping its predecessor, and the tangents run two blocks
+  # (lax.map) and a tail of 3 rows. Both must agree with the whole-array layout.
+  from entnorm_jax._src import normalize
+
+  monkeypatch.setattr(normalize, "TILE_BYTES", 4 * 37 * 4)
+  assert normalize.tile_rows(11, 37, 4) == 4
+  x = jnp.asarray(2 * rng.normal(size=(11, 37)), jnp.float32)
+  t = jnp.asarray(rng.uniform(0.05, 0.95, 11) * np.log(37), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(11, 37)), jnp.float32)
+
+  def run(implementation):
+    loss = lambda x, t: jnp.sum(w * en.entropy_softmax(x, t, implementation=implementation))
+    q = en.entropy_softmax(x, t, implementation=implementation)
+    gx, gt = jax.grad(loss, (0, 1))(x, t)
+    tangent = jax.jvp(lambda x: loss(x, t), (x,), (w,))[1]
+    return q, gx, gt, tangent
+
+  for tiled, whole in zip(jax.jit(run, static_argnums=0)("tiled"), run("xla"), strict=True):
+    np.testing.assert_allclose(tiled, whole, rtol=2e-5, atol=2e-6)
 
 
 def test_fixed_iteration_count_converges_to_the_adaptive_answer(rng):

@@ -156,14 +156,16 @@ def test_tpu_layout_matches_xla(relative):
   x, where, target = _battery(np.random.default_rng(10))
   if relative:
     target = np.clip(target / np.log(_N), 0.0, 1.0).astype(np.float32)
-  block = functools.partial(normalize._solve_block, num_iters=None)
+  # With the convergence report: its two per-row outputs travel through the kernel too.
+  block = functools.partial(normalize._solve_block, num_iters=None, info=True)
   args = (x, where, target, jnp.asarray(relative))
   with pytest.MonkeyPatch.context() as patch:
     patch.setattr(pallas_core, "TPU_MAX_ROWS", 8)
-    tpu = functools.partial(pallas_core.solve_rows, block, interpret=True, tpu=True)
+    tpu = functools.partial(pallas_core.solve_rows, block, interpret=True, tpu=True, info=True)
     assert "grid=(3,)" in str(jax.make_jaxpr(tpu)(*args))  # 23 rows in blocks of 8
     got = jax.device_get(jax.jit(tpu)(*args))
   want = jax.device_get(jax.jit(block)(*args))
+  assert len(got) == 5 and np.all(got[3] == 1)  # every row of the battery converged
   for a, b in zip(got, want, strict=True):
     assert a.shape == b.shape and a.dtype == b.dtype
     np.testing.assert_allclose(a, b, atol=2e-6, rtol=1e-5)

@@ -151,6 +151,18 @@ for name, kw in cases.items():
   grad = lambda fn: jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a) * d_out), argnums=(0, 1, 2, 3)))
   for i, (a, b) in enumerate(zip(grad(many)(q, k, v, tgt), grad(one)(q, k, v, tgt))):
     close(a, b, (name, "d" + "qkvt"[i]), tol=2e-5)
+# The README's mesh: jax.make_mesh, whose axes are Explicit by default (the inputs are resharded
+# to the specs); gradients are taken inside jax.set_mesh, as explicit sharding asks.
+explicit = jax.make_mesh((8,), ("seq",))
+kw = dict(target_fraction=0.5, is_causal=True, block_q=16, block_k=4)
+many = lambda q, k, v: en.context_parallel_attention(q, k, v, mesh=explicit, axis_name="seq", **kw)
+one = jax.jit(lambda q, k, v: en.entropy_attention(q, k, v, implementation="blockwise", **kw))
+close(many(q, k, v), one(q, k, v), "make_mesh", tol=1e-5)
+grad = lambda fn: jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a) * d_out), argnums=(0, 1, 2)))
+with jax.set_mesh(explicit):
+  sharded = grad(many)(q, k, v)
+for i, (a, b) in enumerate(zip(sharded, grad(one)(q, k, v))):
+  close(a, b, ("make_mesh", "d" + "qkv"[i]), tol=2e-5)
 print("context ok")
 """
 

@@ -238,7 +238,7 @@ def solve_rows(stats_pass: Callable, moments_pass: Callable, target, relative, n
     return moments_pass(gamma, center, zmax, stats.n_ties), every, aux
 
   first = start(stats, bounds, aim.nats, *(held or ()))
-  gamma, center, _ = solve(bounds, *first, evaluate, None, num_iters=num_iters)
+  gamma, center, _, _ = solve(bounds, *first, evaluate, None, num_iters=num_iters)
   center = jnp.where(jnp.isfinite(center), center, 0.0)
   return zmax, gamma, center, aim.which, bounds.log_n
 

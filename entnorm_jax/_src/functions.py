@@ -25,6 +25,7 @@ from jax.typing import ArrayLike
 from entnorm_jax._src import targets
 from entnorm_jax._src.moments import shift_rows
 from entnorm_jax._src.normalize import IMPLEMENTATIONS, Config, Solution, solve_rows
+from entnorm_jax._src.solver import SolveInfo
 from entnorm_jax._src.targets import Spec
 
 __all__ = [
@@ -76,14 +77,14 @@ def _mask(where: ArrayLike | None, shape, axis: int) -> jax.Array | None:
   return jnp.moveaxis(where.astype(bool), axis, -1)
 
 
-def _config(num_iters, implementation) -> Config:
+def _config(num_iters, implementation, info=False) -> Config:
   if num_iters is not None and operator.index(num_iters) < 0:
     raise ValueError(f"num_iters must be >= 0 or None, got {num_iters}")
   if implementation is not None and implementation not in IMPLEMENTATIONS:
     raise ValueError(
       f"implementation must be None or one of {IMPLEMENTATIONS}, got {implementation!r}"
     )
-  return Config(num_iters, implementation)
+  return Config(num_iters, implementation, info)
 
 
 def _solve(x, where, target, spec: Spec, cfg: Config):
@@ -93,17 +94,23 @@ def _solve(x, where, target, spec: Spec, cfg: Config):
   target = targets.per_row(target, spec, batch, x.dtype)
   n = x.shape[-1]
   if n == 0:  # an empty distribution: nothing to solve (softmax over it is empty too)
-    return Solution(x, jnp.zeros(batch, x.dtype), jnp.zeros(target.shape, x.dtype))
+    zeros = jnp.zeros(batch, jnp.int32)
+    info = (zeros + 1, zeros) if cfg.info else ()
+    return Solution(x, jnp.zeros(batch, x.dtype), jnp.zeros(target.shape, x.dtype), *info)
   # The solve sees plain [rows, n]: XLA's CPU reductions are markedly slower on higher-rank rows.
   rows = lambda a: None if a is None else a.reshape(-1, n)
   per_row = target.reshape(-1, *target.shape[len(batch) :])
   sol = solve_rows(rows(x), rows(where), per_row, spec.relative(), cfg)
+  info = () if sol.converged is None else (sol.converged, sol.evaluations)
   return Solution(
-    sol.probs.reshape(x.shape), sol.gamma.reshape(batch), sol.target_scale.reshape(target.shape)
+    sol.probs.reshape(x.shape),
+    sol.gamma.reshape(batch),
+    sol.target_scale.reshape(target.shape),
+    *(a.reshape(batch) for a in info),
   )
 
 
-def _from_logits(logits, where, axis, target, spec, num_iters, implementation):
+def _from_logits(logits, where, axis, target, spec, num_iters, implementation, info=False):
   """``(x, where, solution, axis, dtype)`` with the normalized axis last."""
   logits = jnp.asarray(logits)
   if jnp.issubdtype(logits.dtype, jnp.complexfloating):
@@ -111,7 +118,7 @@ def _from_logits(logits, where, axis, target, spec, num_iters, implementation):
   axis = canonicalize_axis(axis, logits.ndim)
   where = _mask(where, logits.shape, axis)
   x = jnp.moveaxis(logits, axis, -1).astype(_compute_dtype(logits.dtype))
-  sol = _solve(x, where, target, spec, _config(num_iters, implementation))
+  sol = _solve(x, where, target, spec, _config(num_iters, implementation, info))
   return x, where, sol, axis, _output_dtype(logits.dtype)
 
 
@@ -166,10 +173,14 @@ def _target(where: str, removed: dict, **keywords) -> tuple[object, Spec]:
   return targets.parse(where, **keywords)
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
-def _solve_gamma(logits, target, axis, where, *, spec, num_iters, implementation):
-  _, _, sol, _, dtype = _from_logits(logits, where, axis, target, spec, num_iters, implementation)
-  return sol.gamma.astype(dtype)
+@functools.partial(jax.jit, static_argnames=(*_STATIC, "info"))
+def _solve_gamma(logits, target, axis, where, *, spec, num_iters, implementation, info=False):
+  """γ* in the dtype of ``logits``; with ``info``, ``(γ*, SolveInfo)``."""
+  _, _, sol, _, dtype = _from_logits(
+    logits, where, axis, target, spec, num_iters, implementation, info
+  )
+  gamma = sol.gamma.astype(dtype)
+  return (gamma, SolveInfo(sol.converged != 0, sol.evaluations)) if info else gamma
 
 
 def solve_gamma(
@@ -185,8 +196,9 @@ def solve_gamma(
   max_fraction: ArrayLike | None = None,
   num_iters: int | None = None,
   implementation: str | None = None,
+  return_info: bool = False,
   **removed,
-) -> jax.Array:
+) -> jax.Array | tuple[jax.Array, SolveInfo]:
   """The inverse temperature γ* >= 0 with H(softmax(γ*·logits)) = H_t.
 
   ``target_entropy`` is in nats; ``target_fraction=f`` asks for ``H_t = f · log(n_valid)``; the
@@ -210,9 +222,15 @@ def solve_gamma(
     logits: array of logits; ``-inf`` entries are masked.
     target_entropy, axis, where, target_fraction, min_entropy, max_entropy, min_fraction,
       max_fraction, num_iters, implementation: as in :func:`entropy_softmax`.
+    return_info: also return how each row's solve ended (static).
 
   Returns:
-    γ*, of shape ``logits.shape`` without ``axis``, in the dtype of ``logits``.
+    γ*, of shape ``logits.shape`` without ``axis``, in the dtype of ``logits``; with
+    ``return_info``, ``(γ*, info)``: a :class:`SolveInfo` whose ``converged`` (bool) says where a
+    row is within the tolerance of its clamped target (or solved at an edge, or held inside its
+    bounds), False where the solve stopped first (the evaluation cap, a fixed ``num_iters``, a
+    step that rounds to nothing) or the row holds a NaN, and whose ``evaluations`` (int32)
+    counts the passes over each row. Both of γ*'s shape.
 
   Raises:
     ValueError: as :func:`entropy_softmax`.
@@ -225,6 +243,9 @@ def solve_gamma(
     0.5
     >>> float(en.solve_gamma(z, max_entropy=2.0))  # already below the ceiling: untouched
     1.0
+    >>> g, info = en.solve_gamma(z, 0.5, return_info=True)
+    >>> bool(info.converged), int(info.evaluations) <= 8
+    (True, True)
   """
   target, spec = _target(
     "solve_gamma", removed, target_entropy=target_entropy, target_fraction=target_fraction,
@@ -232,8 +253,9 @@ def solve_gamma(
     max_fraction=max_fraction,
   )  # fmt: skip
   return _solve_gamma(
-    logits, target, axis, where, spec=spec, num_iters=num_iters, implementation=implementation
-  )
+    logits, target, axis, where, spec=spec, num_iters=num_iters, implementation=implementation,
+    info=bool(return_info),
+  )  # fmt: skip
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)

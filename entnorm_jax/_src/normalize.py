@@ -53,6 +53,7 @@ class Config(NamedTuple):
 
   num_iters: int | None  # None: adaptive
   implementation: str | None  # None: by platform
+  info: bool = False  # report each row's convergence (Solution.converged / .evaluations)
 
 
 class Solution(NamedTuple):
@@ -65,11 +66,16 @@ class Solution(NamedTuple):
       (``log n`` with ``relative``, else 1), and 0 where it was clamped to an edge. With bounds
       it is ``[rows, 2]``: that of the bound the row was normalized to, 0 for the other one
       (and for both where the row was inside its bounds, or clamped).
+    converged: int32 1 where the row is on target (see :class:`entnorm_jax._src.solver.SolveInfo`);
+      ``None`` unless :attr:`Config.info`.
+    evaluations: int32, the passes over the row; ``None`` unless :attr:`Config.info`.
   """
 
   probs: jax.Array
   gamma: jax.Array
   target_scale: jax.Array
+  converged: jax.Array | None = None
+  evaluations: jax.Array | None = None
 
 
 def tile_rows(rows: int, n: int, itemsize: int) -> int:
@@ -81,7 +87,7 @@ def tile_rows(rows: int, n: int, itemsize: int) -> int:
   return cap
 
 
-def _solve_block(x, where, target, relative, num_iters) -> Solution:
+def _solve_block(x, where, target, relative, num_iters, info=False) -> Solution:
   """Solves ``[T, n]`` rows (any T): the body of every layout (in the Pallas kernel, with a
   per-row ``relative``).
 
@@ -119,10 +125,11 @@ def _solve_block(x, where, target, relative, num_iters) -> Solution:
     return mom, jnp.broadcast_to(full, gamma.shape), aux
 
   first = start(stats, bounds, aim.nats, *(() if natural is None else (aim.held, one)))
-  gamma, _, (e, s0) = solve(
-    bounds, *first, evaluate_rows, (rows.d, stats.n_valid), num_iters=num_iters
+  gamma, _, report, (e, s0) = solve(
+    bounds, *first, evaluate_rows, (rows.d, stats.n_valid), num_iters=num_iters, info=info
   )
-  return Solution(e / jnp.where(s0 > 0, s0, 1.0)[..., None], gamma * unit, scale)
+  probs = e / jnp.where(s0 > 0, s0, 1.0)[..., None]
+  return Solution(probs, gamma * unit, scale, *(report or ()))
 
 
 def _rescale_tiny_rows(rows: Shifted, stats):
@@ -143,7 +150,7 @@ def _rescale_tiny_rows(rows: Shifted, stats):
   return rows, stats, jnp.exp2(exponent)
 
 
-def _tiled(block, x, where, target, relative) -> Solution:
+def _tiled(block, x, where, target, relative, *, info=False) -> Solution:
   """Runs ``block`` over blocks of :func:`tile_rows` rows, one after another.
 
   The output is written block by block into a copy of ``x`` (no zero fill); when the blocks do
@@ -162,17 +169,22 @@ def _tiled(block, x, where, target, relative) -> Solution:
     put = lambda buf, a: jax.lax.dynamic_update_slice_in_dim(buf, a, start, 0)
     return jax.tree.map(put, out, sol)
 
-  init = Solution(x, jnp.zeros(rows, x.dtype), jnp.zeros_like(target))
+  counts = (jnp.zeros(rows, jnp.int32),) * 2 if info else ()
+  init = Solution(x, jnp.zeros(rows, x.dtype), jnp.zeros_like(target), *counts)
   return jax.lax.fori_loop(0, -(-rows // t), body, init)
 
 
-def _pallas(block, x, where, target, relative, *, interpret: bool, tpu: bool = False) -> Solution:
+def _pallas(
+  block, x, where, target, relative, *, interpret: bool, tpu: bool = False, info=False
+) -> Solution:
   """``block`` run by the fused kernel of :mod:`entnorm_jax._src.pallas_core` (laid out for TPUs
   and compiled by Mosaic with ``tpu``, else for GPUs and compiled by Triton). The kernel takes
   exact targets only (one value per row): bounds run ``block`` unfused."""
   if target.ndim == 2:
     return block(x, where, target, relative)
-  solution = pallas_core.solve_rows(block, x, where, target, relative, interpret=interpret, tpu=tpu)
+  solution = pallas_core.solve_rows(
+    block, x, where, target, relative, interpret=interpret, tpu=tpu, info=info
+  )
   return Solution(*solution)
 
 
@@ -180,17 +192,18 @@ def _layout(x, where, target, relative, cfg: Config) -> Solution:
   """The solve in the layout of ``cfg.implementation``, or the platform's. The choice between
   branches is made per platform when the computation is lowered (``platform_dependent``), so that
   a computation exported for a GPU gets the compiled kernel even when traced on a CPU."""
-  block = functools.partial(_solve_block, num_iters=cfg.num_iters)
-  tiled = functools.partial(_tiled, block)
-  compiled = functools.partial(_pallas, block, interpret=False)
+  block = functools.partial(_solve_block, num_iters=cfg.num_iters, info=cfg.info)
+  tiled = functools.partial(_tiled, block, info=cfg.info)
+  pallas = functools.partial(_pallas, block, info=cfg.info)
+  compiled = functools.partial(pallas, interpret=False)
   if cfg.implementation == "tiled":
     return tiled(x, where, target, relative)
   if cfg.implementation == "xla":
     return block(x, where, target, relative)
   args = (x, where, target, relative)
   if cfg.implementation == "pallas":
-    interpreted = functools.partial(_pallas, block, interpret=True)
-    mosaic = functools.partial(_pallas, block, interpret=False, tpu=True)
+    interpreted = functools.partial(pallas, interpret=True)
+    mosaic = functools.partial(pallas, interpret=False, tpu=True)
     return jax.lax.platform_dependent(
       *args, cpu=interpreted, cuda=compiled, rocm=compiled, tpu=mosaic, default=block
     )
@@ -226,10 +239,12 @@ def _tangents(q, x, gamma, scale, dx, dt):
   logits' scale) and ``W = E_q[u²] = γ² V``:  dγ = -γ (γ E_q[u dx] + ∂H_t) / W  and
   dq = q (γ (dx - E_q[dx]) - u (γ E_q[u dx] + ∂H_t) / W).
   """
-  # γ = inf only at the argmax edge of a row whose gap is below float's range (110 / gap
-  # overflows): q is one-hot and locally constant there, as the tangents are with γ = 0.
-  gamma = jnp.where(jnp.isinf(gamma), 0.0, gamma)
   on = q > 0  # the support (masked entries may hold -inf logits)
+  # A one-hot row (the argmax edge of a row without ties, where γ may even be inf when 110 / gap
+  # overflows) is locally constant: its tangents are those of γ = 0, exactly 0. Written out, the
+  # two terms of dq would cancel only up to rounding, which γ multiplies.
+  one_hot = jnp.sum(on, axis=-1) <= 1
+  gamma = jnp.where(one_hot | jnp.isinf(gamma), 0.0, gamma)
   # Masked entries zeroed before any arithmetic: a -inf there would make second derivatives NaN.
   dx, x = jnp.where(on, dx, 0.0), jnp.where(on, x, 0.0)
   mean = jnp.sum(q * x, axis=-1, keepdims=True)
@@ -278,4 +293,7 @@ def _solve_rows_jvp(cfg, primals, tangents):
     dq, dgamma = _tangents(*args)
   else:
     dq, dgamma = jax.lax.platform_dependent(*args, cpu=_tiled_tangents, default=_tangents)
-  return sol, Solution(dq, dgamma, jnp.zeros_like(sol.target_scale))
+  # The integer outputs (with Config.info) are constant: float0 tangents.
+  constant = lambda a: None if a is None else np.zeros(a.shape, jax.dtypes.float0)
+  info = (constant(sol.converged), constant(sol.evaluations))
+  return sol, Solution(dq, dgamma, jnp.zeros_like(sol.target_scale), *info)

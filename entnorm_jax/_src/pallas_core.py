@@ -53,7 +53,10 @@ class GpuConfig(NamedTuple):
 # --sweep``, ``benchmarks/results/kernels_sweep.md``; registers per thread sm_80/sm_90 beside each
 # entry). The whole solve keeps about a dozen block-sized values per entry and a few dozen per row
 # alive, and a thread holds at most 255 registers (128 at 16 warps), so blocks are small: 4K
-# entries, at most 256 rows (512 rows of 16 spill 156 B per thread, whatever the warps).
+# entries, at most 256 rows (512 rows of 16 spill 156 B per thread, whatever the warps). With the
+# convergence report (``solve_gamma(..., return_info=True)``) the kernel carries two more per-row
+# values: then the 16-warp entries at lengths 16-128 and 2048 spill 4 B per thread (sm_90; 2048
+# also sm_80), 8 warps would not; the default kernel, the one that matters for speed, does not.
 GPU_CONFIGS: dict[int, GpuConfig] = {
   1: GpuConfig(256, 8),  # 66/62
   2: GpuConfig(512, 8),  # 70/64
@@ -75,7 +78,7 @@ GPU_CONFIGS: dict[int, GpuConfig] = {
 # entries spills at 4, 8 and 16 warps (1.1-55 KB per thread).
 MAX_LENGTH = 2**13
 
-Block = Callable[..., tuple[jax.Array, jax.Array, jax.Array]]
+Block = Callable[..., tuple[jax.Array, ...]]
 
 
 def gpu_config(n_pad: int) -> GpuConfig:
@@ -110,22 +113,26 @@ def tpu_block_rows(rows: int, n_pad: int) -> int:
   return min(fits, -(-rows // _SUBLANES) * _SUBLANES)
 
 
-def _kernel(block: Block, x_ref, target_ref, relative_ref, probs_ref, gamma_ref, scale_ref):
+def _kernel(block: Block, x_ref, target_ref, relative_ref, probs_ref, *per_row_refs):
   """One block of rows: load, solve, store. Per-row values come as ``[t]`` (GPU) or ``[t, 1]``
   (TPU) blocks; the solve sees ``[t]``."""
   per_row = target_ref.shape
   load = lambda ref: ref[...].reshape(-1)
-  probs, gamma, scale = block(x_ref[...], None, load(target_ref), load(relative_ref) != 0)
+  probs, *per_row_out = block(x_ref[...], None, load(target_ref), load(relative_ref) != 0)
   probs_ref[...] = probs
-  gamma_ref[...] = gamma.reshape(per_row)
-  scale_ref[...] = scale.reshape(per_row)
+  per_row_out = [value for value in per_row_out if value is not None]
+  for ref, value in zip(per_row_refs, per_row_out, strict=True):
+    ref[...] = value.reshape(per_row)
 
 
-def solve_rows(block: Block, x, where, target, relative, *, interpret: bool, tpu: bool = False):
+def solve_rows(
+  block: Block, x, where, target, relative, *, interpret: bool, tpu: bool = False, info=False
+):
   """Solves ``[rows, n]`` with ``block`` run inside one Pallas program per block of rows.
 
   Args:
-    block: ``(x, where, target, relative) -> (probs, gamma, target_scale)``, the per-block solve;
+    block: ``(x, where, target, relative) -> (probs, gamma, target_scale, converged,
+      evaluations)``, the per-block solve (the last two ``None`` unless it reports convergence);
       inside the kernel it gets ``where=None`` and a per-row boolean ``relative``.
     x: logits ``[rows, n]`` in the compute dtype; ``-inf`` is masked.
     where: ``None`` or a boolean mask ``[rows, n]``.
@@ -133,9 +140,11 @@ def solve_rows(block: Block, x, where, target, relative, *, interpret: bool, tpu
     relative: boolean scalar (may be traced).
     interpret: run the kernel in Pallas' interpreter (any backend) instead of compiling it.
     tpu: lay the blocks out for TPUs and compile with Mosaic (else for GPUs, with Triton).
+    info: ``block`` reports convergence: two more per-row outputs.
 
   Returns:
-    ``(probs [rows, n], gamma [rows], target_scale [rows])``, as ``block`` computes them.
+    ``(probs [rows, n], gamma, target_scale, converged, evaluations)`` (the others ``[rows]``;
+    the last two ``None`` where ``block`` does not report them), as ``block`` computes them.
   """
   rows, n = x.shape
   n_pad = -(-n // _LANES) * _LANES if tpu else pl.next_power_of_2(n)
@@ -157,20 +166,22 @@ def solve_rows(block: Block, x, where, target, relative, *, interpret: bool, tpu
   else:
     per_row = pl.BlockSpec((t,), lambda i: (i,))
   vector = jax.ShapeDtypeStruct(target.shape, x.dtype)
+  counts = [jax.ShapeDtypeStruct(target.shape, jnp.int32)] * 2 if info else []
   if interpret:
     params = None
   elif tpu:
     params = pltpu.CompilerParams(dimension_semantics=("parallel",))
   else:
     params = plgpu.CompilerParams(num_warps=gpu_config(n_pad).num_warps, num_stages=1)
-  probs, gamma, scale = pl.pallas_call(
+  probs, *per_row_out = pl.pallas_call(
     functools.partial(_kernel, block),
     grid=(rows_pad // t,),
     in_specs=[row_block, per_row, per_row],
-    out_specs=[row_block, per_row, per_row],
-    out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype), vector, vector],
+    out_specs=[row_block, *[per_row] * (2 + len(counts))],
+    out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype), vector, vector, *counts],
     interpret=interpret,
     compiler_params=params,
     name="entropy_softmax_rows",
   )(x, target, relative)
-  return probs[:rows, :n], gamma.reshape(-1)[:rows], scale.reshape(-1)[:rows]
+  gamma, scale, *reported = (a.reshape(-1)[:rows] for a in per_row_out)
+  return probs[:rows, :n], gamma, scale, *(reported or (None, None))

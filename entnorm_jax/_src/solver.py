@@ -289,6 +289,7 @@ class _Rows(NamedTuple):
   f2_a: jax.Array
   tau: jax.Array  # the coordinate and value at gamma, in the anchor's coordinate
   f: jax.Array
+  evaluations: jax.Array | None  # int32: the passes over this row (None: not counted)
 
 
 def _flag(condition: jax.Array) -> jax.Array:
@@ -338,20 +339,21 @@ def _observe(rows: _Rows, mom: Moments, full, target, bounds: Bounds, tol, fixed
   f1, f2 = _derivatives(high != 0, g, mom, bounds)
   anchor = lambda new, old: jnp.where(renew, new, old)
   return _Rows(
-    g,
-    lo,
-    hi,
-    mom.mean,
-    done,
-    error,
-    wants_full,
-    high,
-    anchor(tau, rows.tau_a),
-    anchor(f, rows.f_a),
-    anchor(f1, rows.f1_a),
-    anchor(f2, rows.f2_a),
-    tau,
-    f,
+    gamma=g,
+    lo=lo,
+    hi=hi,
+    center=mom.mean,
+    done=done,
+    error=error,
+    wants_full=wants_full,
+    high=high,
+    tau_a=anchor(tau, rows.tau_a),
+    f_a=anchor(f, rows.f_a),
+    f1_a=anchor(f1, rows.f1_a),
+    f2_a=anchor(f2, rows.f2_a),
+    tau=tau,
+    f=f,
+    evaluations=None if rows.evaluations is None else rows.evaluations + 1,
   )
 
 
@@ -380,6 +382,22 @@ def _step(rows: _Rows) -> jax.Array:
   inside = (proposal >= rows.lo) & (proposal <= rows.hi) & jnp.isfinite(proposal)
   bisect = jnp.where(rows.lo > 0, jnp.sqrt(rows.lo) * jnp.sqrt(rows.hi), 0.5 * rows.hi)
   return jnp.where(rows.done != 0, g, jnp.where(inside, proposal, bisect))
+
+
+class SolveInfo(NamedTuple):
+  """How each row's solve ended (each of the batch shape).
+
+  Attributes:
+    converged: where the row's entropy is within the tolerance of its (clamped) target, or the
+      row was solved at an edge or held inside its bounds; not where the solve stopped first (the
+      evaluation cap, a fixed ``num_iters``, a step that rounds to nothing) or the row holds a
+      NaN. An int32 flag inside the solver (see :func:`_flag`); bool from ``solve_gamma``.
+    evaluations: int32, the passes over the row (full or light), the first one included; 1 for
+      rows solved at an edge or held.
+  """
+
+  converged: jax.Array
+  evaluations: jax.Array
 
 
 # Evaluation modes, per row: what the solver needs from the next pass over the row.
@@ -463,7 +481,9 @@ def start(
   return target, first
 
 
-def solve(bounds: Bounds, target: jax.Array, first: Start, evaluate: Evaluate, aux, *, num_iters):
+def solve(
+  bounds: Bounds, target: jax.Array, first: Start, evaluate: Evaluate, aux, *, num_iters, info=False
+):
   """Solves every row; the loop runs until all are on target.
 
   Args:
@@ -481,30 +501,35 @@ def solve(bounds: Bounds, target: jax.Array, first: Start, evaluate: Evaluate, a
     num_iters: ``None`` for the adaptive loop (light evaluations when they suffice, until every
       row is on target or after :data:`MAX_EVALUATIONS`); an int k for exactly k Halley-type
       steps (k + 1 full evaluations), converged rows keeping their γ.
+    info: also count each row's evaluations and report the :class:`SolveInfo` (static; off, the
+      loop carries no counter: at short rows every per-row value costs time).
 
   Returns:
-    ``(gamma, center, aux)``: γ of the last evaluation of each row, with the edges applied (0 at
-    or above log n, the argmax bound at or below log m, 0 for empty rows, NaN for rows holding a
-    valid NaN), the mean of d there, and the final carry.
+    ``(gamma, center, info, aux)``: γ of the last evaluation of each row, with the edges applied
+    (0 at or above log n, the argmax bound at or below log m, 0 for empty rows, NaN for rows
+    holding a valid NaN), the mean of d there, the :class:`SolveInfo` (``None`` without
+    ``info``), and the final carry.
   """
   dtype = target.dtype
   tol = tolerance(bounds, dtype)
   nan = jnp.full_like(target, jnp.nan)
+  zero = jnp.zeros(target.shape, jnp.int32)
   rows = _Rows(
-    first.gamma,
-    jnp.zeros_like(target),
-    bounds.gamma_hi,
-    first.center,
-    jnp.zeros(target.shape, jnp.int32),
-    nan,
-    jnp.ones(target.shape, jnp.int32),
-    jnp.zeros(target.shape, jnp.int32),
-    nan,
-    nan,
-    nan,
-    nan,
-    nan,
-    nan,
+    gamma=first.gamma,
+    lo=jnp.zeros_like(target),
+    hi=bounds.gamma_hi,
+    center=first.center,
+    done=zero,
+    error=nan,
+    wants_full=jnp.ones(target.shape, jnp.int32),
+    high=zero,
+    tau_a=nan,
+    f_a=nan,
+    f1_a=nan,
+    f2_a=nan,
+    tau=nan,
+    f=nan,
+    evaluations=zero if info else None,
   )
   adaptive = num_iters is None
   limit = MAX_EVALUATIONS[np.dtype(dtype)] if adaptive else num_iters + 1
@@ -533,4 +558,9 @@ def solve(bounds: Bounds, target: jax.Array, first: Start, evaluate: Evaluate, a
     return count + 1, rows, aux
 
   _, rows, aux = jax.lax.while_loop(cond, body, (1, rows, aux))
-  return rows.gamma, rows.center, aux
+  # Converged: on target within the tolerance, or solved at an edge (or held) by construction.
+  # Not: rows that met the evaluation cap or the iteration count, stalled, or hold a NaN.
+  if not info:
+    return rows.gamma, rows.center, None, aux
+  converged = (rows.error <= tol) | (first.fixed & ~jnp.isnan(rows.gamma))
+  return rows.gamma, rows.center, SolveInfo(_flag(converged), rows.evaluations), aux
