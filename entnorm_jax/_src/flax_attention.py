@@ -40,6 +40,7 @@ from flax.nnx.nn import dtypes as nnx_dtypes
 from jax.typing import ArrayLike
 
 from entnorm_jax._src import targets
+from entnorm_jax._src.attention import _entropy_attention
 from entnorm_jax._src.functions import _entropy_softmax, entropy
 from entnorm_jax._src.targets import Spec
 
@@ -326,8 +327,6 @@ def entropy_attention_weights(
 
 def _kernel_attention(query, key, value, mask, is_causal, target, spec, num_iters, impl, precision):
   """Calls :func:`entnorm_jax.attention.entropy_attention` (one batch axis) on Flax's layout."""
-  from entnorm_jax.attention import _entropy_attention
-
   *batch, q_len, heads, _ = query.shape
   rows = math.prod(batch)
   solve_dtype = jnp.promote_types(query.dtype, jnp.float32)
