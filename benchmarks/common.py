@@ -44,14 +44,19 @@ __all__ = [
 
 
 @contextlib.contextmanager
-def float64():
-  """Runs the block with ``jax_enable_x64`` on (restored afterwards)."""
-  previous = jax.config.jax_enable_x64
-  jax.config.update("jax_enable_x64", True)
+def _config(name: str, value):
+  """Runs the block with JAX's option ``name`` set to ``value`` (restored afterwards)."""
+  previous = getattr(jax.config, name)
+  jax.config.update(name, value)
   try:
     yield
   finally:
-    jax.config.update("jax_enable_x64", previous)
+    jax.config.update(name, previous)
+
+
+def float64():
+  """Runs the block with ``jax_enable_x64`` on (restored afterwards)."""
+  return _config("jax_enable_x64", True)
 
 
 def quick_from_env() -> bool:
@@ -62,6 +67,52 @@ def quick_from_env() -> bool:
 def compile_ahead(fn: Callable, *args) -> Callable:
   """``jax.jit(fn)`` lowered and compiled for ``args`` (no tracing or compiling when timed)."""
   return jax.jit(fn).lower(*args).compile()
+
+
+def as_on_an_accelerator(fn: Callable) -> Callable:
+  """``fn``, traced as on a machine with an accelerator: the default layout then traces the
+  accelerators' branches (on a machine whose default backend is the CPU it traces the CPU's
+  alone), so that lowering for CUDA or a TPU from here builds what those machines build."""
+  from unittest import mock
+
+  from entnorm_jax._src import normalize
+
+  def traced(*args):
+    with mock.patch.object(normalize, "traces_accelerators", lambda: True):
+      return fn(*args)
+
+  return traced
+
+
+def no_persistent_cache():
+  """Switches JAX's persistent compilation cache off for the block (restored afterwards)."""
+  return _config("jax_enable_compilation_cache", False)
+
+
+def compile_once(step, args: tuple) -> tuple[dict[str, float], object]:
+  """Traces, lowers and compiles ``jax.jit(step)`` from empty caches; seconds and the executable."""
+  jax.clear_caches()
+  start = time.perf_counter()
+  traced = jax.jit(step).trace(*args)
+  traced_at = time.perf_counter()
+  lowered = traced.lower()
+  lowered_at = time.perf_counter()
+  compiled = lowered.compile()
+  end = time.perf_counter()
+  seconds = {
+    "trace_s": traced_at - start,
+    "lower_s": lowered_at - traced_at,
+    "compile_s": end - lowered_at,
+  }
+  seconds["trace_lower_s"] = seconds["trace_s"] + seconds["lower_s"]
+  seconds["total_s"] = seconds["trace_lower_s"] + seconds["compile_s"]
+  return seconds, compiled
+
+
+def least_of(samples: list[dict[str, float]]) -> dict:
+  """Per phase, the least of the repeats (``total_s``: the least total of one repeat)."""
+  best = {key: min(s[key] for s in samples) for key in samples[0]}
+  return {**best, "repeats": samples}
 
 
 def random_logits(seed: int, shape: Sequence[int], scale: float = 1.0) -> jax.Array:

@@ -52,6 +52,7 @@ import jax
 import jax.numpy as jnp
 
 import entnorm_jax as en
+from benchmarks import common
 from entnorm_jax import attention as ena
 from entnorm_jax._src import pallas_core
 
@@ -202,8 +203,8 @@ def _core_case(shape, dtype, implementation, direction):
   f = lambda x: en.entropy_softmax(x, target_fraction=0.5, implementation=implementation)
   if direction == "backward":
     g = jax.grad(lambda x: jnp.sum(f(x).astype(jnp.float32) * jnp.arange(shape[-1])))
-    return g, (x,)
-  return f, (x,)
+    return common.as_on_an_accelerator(g), (x,)
+  return common.as_on_an_accelerator(f), (x,)
 
 
 def _attention_case(
@@ -505,7 +506,6 @@ def _version(name: str) -> str:
 
 
 def environment() -> dict:
-  from benchmarks import common
 
   env = common.environment()
   return {**env, "triton": _version("triton"), "libtpu": _version("libtpu")}

@@ -63,17 +63,25 @@ def test_unrolled_baseline_converges_to_the_core_and_its_gradient():
 
 def test_core_run_tiny(monkeypatch, tmp_path):
   monkeypatch.setattr(core, "SHAPES", ((24, 48),))
+  monkeypatch.setattr(core, "SHORT_SHAPES", ((64, 5),))
   monkeypatch.setattr(core, "FORWARD_BARS", {(3, 48): 5.0})
+  monkeypatch.setattr(core, "SHORT_BARS", {(8, 5): 6.0})
   monkeypatch.setattr(core, "OPTIMISTIX_SHAPES", {(3, 48)})
+  monkeypatch.setattr(core, "COMPILE_SHAPE", (16, 40))
   result = core.run(quick=True)
-  (per,) = result["shapes"]
-  assert per["shape"] == [3, 48]
-  _positive_times(per["times"])
-  assert per["error"]["entropy_softmax"] < 1e-3
-  assert per["grad_max_abs_error_vs_float64"]["grad entropy_softmax"] < 1e-4
-  assert len(result["bars"]) == 3 and all(isinstance(b["met"], bool) for b in result["bars"])
+  per, short = result["shapes"]
+  assert per["shape"] == [3, 48] and short["shape"] == [8, 5]
+  for one in (per, short):
+    _positive_times(one["times"])
+    assert one["error"]["entropy_softmax"] < 1e-3
+    assert one["grad_max_abs_error_vs_float64"]["grad entropy_softmax"] < 1e-4
+  assert "optimistix Newton" in per["times"] and "optimistix Newton" not in short["times"]
+  assert len(result["bars"]) == 4 and all(isinstance(b["met"], bool) for b in result["bars"])
+  assert result["compile"]["shape"] == [2, 40]
+  for seconds in result["compile"]["seconds"].values():
+    assert 0 < seconds["trace_lower_s"] and 0 < seconds["compile_s"] < float("inf")
   json.dumps(result)
-  assert "Targets" in core.markdown(result)
+  assert "Targets" in core.markdown(result) and "Compile seconds" in core.markdown(result)
   (png,) = core.plot(result, tmp_path)
   assert png.stat().st_size > 0
 
@@ -170,3 +178,29 @@ def test_suite_knows_its_modules():
   assert list(modules) == ["core", "memory"]
   with pytest.raises(ValueError, match="unknown benchmark"):
     suite.load_modules(["nope"])
+
+
+def test_model_compile_run_tiny(monkeypatch, tmp_path):
+  from benchmarks import model_compile
+
+  # One layer, scanned only (nn.scan over the block is the path most likely to break), no
+  # warm-up: four compiles in all, well under 30 s on a 2-core CPU.
+  tiny = {"layers": (1,), "length": 8, "batch": 1, "repeats": 1, "step_s": 0.0}
+  monkeypatch.setitem(model_compile.SIZES, True, tiny)
+  monkeypatch.setattr(model_compile, "LAYOUTS", ("scanned",))
+  monkeypatch.setattr(model_compile, "WARM_UP", False)
+  result = model_compile.run(quick=True)
+  (row,) = result["rows"]
+  assert (row["layout"], row["layers"]) == ("scanned", 1) and result["bar"] == []
+  for attention in model_compile.ATTENTIONS:
+    seconds = row["compile"][attention]
+    for phase in ("trace_s", "lower_s", "compile_s", "trace_lower_s", "total_s"):
+      assert 0 < seconds[phase] < float("inf"), (attention, phase)
+    assert len(seconds["repeats"]) == 1
+  _positive_times(row["step"])
+  for key in ("compile_total", "trace_lower", "xla_compile", "step"):
+    assert 0 < row[f"ratio/{key}"] < float("inf"), key
+  json.dumps(result)
+  assert "compile ratio" in model_compile.markdown(result)
+  (png,) = model_compile.plot(result, tmp_path)
+  assert png.stat().st_size > 0

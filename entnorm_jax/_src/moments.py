@@ -13,7 +13,9 @@ Centring on the previous iterate's mean keeps ``V`` and ``κ`` accurate when the
 On XLA's CPU backend every reduction over a ``[rows, n]`` array is a separate pass that costs about
 as much as reading the array, whatever arithmetic it does; so an evaluation computes ``e`` once
 and asks only for the sums its caller needs: two for the entropy (a "light" evaluation, enough to
-check convergence), four for a Halley step (a "full" one).
+check convergence), four for a Halley step (a "full" one). Rows held in the lanes layout
+(:func:`lane_shape`) are the exception: there every per-row quantity is one variadic reduction,
+and four sums cost little more than two (one pass either way).
 """
 
 from __future__ import annotations
@@ -109,20 +111,81 @@ class Shifted(NamedTuple):
   dm: jax.Array
 
 
-def shifted(x: jax.Array, where: jax.Array | None, zmax: jax.Array | None = None) -> Shifted:
+def lane_shape(n: int) -> tuple[int, int]:
+  """``(sublanes, lanes)``: the lanes layout of a row of ``n`` entries (padded to their product).
+
+  A row is held as ``[sublanes, lanes]`` and every per-row quantity is one variadic reduction:
+  first across the sublanes (vectorized over the lanes), then across the lanes. XLA's CPU backend
+  emits such a reduction as one loop that computes each exponential once for all its sums, and
+  vectorizes it when the axis it runs along first is short. Measured per row length (see
+  ``benchmarks.core``): up to 512 entries, at most 16 sublanes of at most 32 lanes; beyond, lanes
+  of 8 (the 8 reduced first).
+  """
+  if n <= 512:
+    sublanes = min(16, -(-n // 8))
+    return sublanes, -(-n // sublanes)
+  return -(-n // 8), 8
+
+
+def _lanes(a: jax.Array, fill) -> jax.Array:
+  """``[..., n]`` as ``[..., sublanes, lanes]`` (:func:`lane_shape`), padded with ``fill``."""
+  n = a.shape[-1]
+  sublanes, lanes = lane_shape(n)
+  pad = [(0, 0)] * (a.ndim - 1) + [(0, sublanes * lanes - n)]
+  return jnp.pad(a, pad, constant_values=fill).reshape(*a.shape[:-1], sublanes, lanes)
+
+
+def from_lanes(a: jax.Array, n: int) -> jax.Array:
+  """The inverse of the lanes layout: ``[..., sublanes, lanes]`` back to ``[..., n]``."""
+  return a.reshape(*a.shape[:-2], -1)[..., :n]
+
+
+def _row_reduce(terms, inits, ops) -> tuple[jax.Array, ...]:
+  """Reductions of each row of the lanes-layout ``terms``: one variadic pass (``ops[k]`` combines
+  the k-th term, from ``inits[k]``), across the sublanes first when they are few, else across the
+  lanes first."""
+  terms = tuple(terms)
+  inits = tuple(jnp.asarray(v, terms[0].dtype) for v in inits)
+  combine = lambda a, b: tuple(op(u, v) for op, u, v in zip(ops, a, b, strict=True))
+  sublanes = terms[0].shape[-2]
+  first = terms[0].ndim - (2 if sublanes <= 16 else 1)
+  partial = jax.lax.reduce(terms, inits, combine, (first,))
+  return jax.lax.reduce(partial, inits, combine, (partial[0].ndim - 1,))
+
+
+def _finite_part(dm: jax.Array) -> jax.Array:
+  """``d`` from ``dm`` (0 where masked), computed inside the pass that reads ``dm``: in the lanes
+  layout a pass then reads one array, not two."""
+  return jnp.where(dm != -jnp.inf, dm, 0.0)
+
+
+def _row_sums(terms) -> tuple[jax.Array, ...]:
+  return _row_reduce(terms, (0.0,) * len(terms), (jax.lax.add,) * len(terms))
+
+
+def shifted(
+  x: jax.Array, where: jax.Array | None, zmax: jax.Array | None = None, *, lanes: bool = False
+) -> Shifted:
   """:class:`Shifted` rows of ``x`` ``[..., n]`` (``-inf`` entries and ``where`` False are masked).
 
-  ``zmax``, the row maxima over valid entries, is computed unless given.
+  ``zmax``, the row maxima over valid entries, is computed unless given. With ``lanes`` the rows
+  are held in the lanes layout (:func:`lane_shape`), ``[..., sublanes, lanes]``, padded with
+  masked entries; every per-row quantity of them is then one variadic pass.
   """
   valid = x != -jnp.inf  # a NaN is valid: it makes its row NaN
   if where is not None:
     valid = valid & where
-  if zmax is None:
+  if lanes:
+    x = _lanes(x if where is None else jnp.where(valid, x, -jnp.inf), -jnp.inf)
+    valid = x != -jnp.inf
+    if zmax is None:
+      (zmax,) = _row_reduce((x,), (-jnp.inf,), (jax.lax.max,))
+  elif zmax is None:
     # Without ``where`` the masked entries are the -inf ones: the plain maximum, one pass fewer
     # (XLA's CPU backend writes a ``where`` out as an array of its own before reducing it).
     zmax = jnp.max(x if where is None else jnp.where(valid, x, -jnp.inf), axis=-1)
-    zmax = jnp.where(jnp.isneginf(zmax), 0.0, zmax)
-  top = zmax[..., None]
+  zmax = jnp.where(jnp.isneginf(zmax), 0.0, zmax)
+  top = zmax.reshape(zmax.shape + (1,) * (x.ndim - zmax.ndim))
   # Exactly 0 at the maximum even when XLA recomputes x (say, scaled attention scores) inside each
   # consumer and contracts ``x - max`` into a fused multiply-add: ties are counted on it.
   dm = jnp.where(valid, jnp.where(x >= top, 0.0, x - top), -jnp.inf)
@@ -135,6 +198,22 @@ def row_stats(rows: Shifted) -> RowStats:
   The variance is taken about the maximum (``E[d²] - E[d]²``): it only seeds the first guess, and
   one pass fewer matters more than its digits when the row's spread is tiny next to its mean.
   """
+  if rows.d.ndim > rows.zmax.ndim + 1:  # the lanes layout: one variadic pass
+    dm, d = rows.dm, _finite_part(rows.dm)
+    n, ties, neg_gap, s1, s2 = _row_reduce(
+      (
+        (dm != -jnp.inf).astype(d.dtype),
+        (dm == 0).astype(d.dtype),
+        jnp.where(dm < 0, dm, -jnp.inf),
+        d,
+        d * d,
+      ),
+      (0.0, 0.0, -jnp.inf, 0.0, 0.0),
+      (jax.lax.add, jax.lax.add, jax.lax.max, jax.lax.add, jax.lax.add),
+    )
+    safe_n = jnp.maximum(n, 1.0)
+    mean = s1 / safe_n
+    return RowStats(n, ties, -neg_gap, mean, jnp.maximum(s2 / safe_n - mean * mean, 0.0))
   n, ties = _counts(rows.dm)
   gap = -jnp.max(jnp.where(rows.dm < 0, rows.dm, -jnp.inf), axis=-1)
   safe_n = jnp.maximum(n, 1.0)
@@ -166,13 +245,20 @@ def evaluate(
   """
   # γ = 0 (the uniform edge) as a tiny γ: exp(γ·-inf) must be 0 at masked entries, not NaN.
   g = jnp.maximum(gamma, jnp.finfo(rows.d.dtype).tiny)
-  e = jnp.exp(g[..., None] * rows.dm)
-  d = rows.d
-  s0 = jnp.sum(e, axis=-1)
-  mean = jnp.sum(e * d, axis=-1) / s0
+  g = g.reshape(g.shape + (1,) * (rows.d.ndim - g.ndim))
+  e = jnp.exp(g * rows.dm)
+  if rows.d.ndim > gamma.ndim + 1:  # the lanes layout: one variadic pass, e not written out
+    d = _finite_part(rows.dm)
+    sums = _row_sums((e, e * d, e * d * d, e * d * d * d)[: 4 if full else 2])
+    e = None
+  else:
+    d = rows.d
+    terms = (e, e * d, e * jax.lax.integer_pow(d, 2), e * jax.lax.integer_pow(d, 3))
+    sums = [jnp.sum(t, axis=-1) for t in terms[: 4 if full else 2]]
+  s0 = sums[0]
+  mean = sums[1] / s0
   if full:
-    a2 = jnp.sum(e * jax.lax.integer_pow(d, 2), axis=-1) / s0
-    a3 = jnp.sum(e * jax.lax.integer_pow(d, 3), axis=-1) / s0
+    a2, a3 = sums[2] / s0, sums[3] / s0
     var = jnp.maximum(a2 - mean * mean, 0.0)
     third = a3 - 3.0 * mean * a2 + 2.0 * mean * mean * mean
   else:
@@ -181,14 +267,26 @@ def evaluate(
   return Moments(entropy, mean, var, third, excess), e, s0
 
 
+def distribution(rows: Shifted, gamma: jax.Array, n: int) -> jax.Array:
+  """softmax(γ·d) ``[..., n]`` of rows in the lanes layout: the weights ``e = exp(γ d)`` over the
+  sum of these same weights, in the ``[..., n]`` layout (an elementwise pass and a row sum cost a
+  third of what they do over ``[..., sublanes, lanes]``). Not over an evaluation's ``S_0``: XLA
+  may round the exponentials inside a reduction differently (2 ulp of ``S_0`` measured), and the
+  implicit derivative needs Σ q = 1 to the last bits (on sharp rows γ multiplies the difference).
+  """
+  g = jnp.maximum(gamma, jnp.finfo(rows.d.dtype).tiny)
+  e = jnp.exp(g[..., None] * from_lanes(rows.dm, n))
+  s0 = jnp.sum(e, axis=-1, keepdims=True)
+  return e / jnp.where(s0 > 0, s0, 1.0)
+
+
 def _entropies(s0, mean, gamma, n_ties):
-  """``H = log S_0 - γ m`` and ``H - log m_ties``; the mass off the argmax set is ``S_0 - m`` (each
-  tie contributes exactly 1): its rounding is at the level of eps · m, far below what a target in
-  (log m, log n) needs."""
+  """``H - log m_ties`` and ``H = log S_0 - γ m`` (one logarithm: ``log m_ties`` is constant over a
+  solve). The mass off the argmax set is ``S_0 - m`` (each tie contributes exactly 1): its rounding
+  is at the level of eps · m, far below what a target in (log m, log n) needs."""
   m = jnp.maximum(n_ties, 1.0)
-  entropy = jnp.log(s0) - gamma * mean
   excess = jnp.log1p(jnp.maximum(s0 - m, 0.0) / m) - gamma * mean
-  return entropy, excess
+  return jnp.log(m) + excess, excess
 
 
 def moments_from_sums(s0, s1, s2, s3, gamma, center, n_ties) -> Moments:

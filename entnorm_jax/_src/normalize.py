@@ -5,7 +5,9 @@ Layouts (``implementation``):
 
 * ``"tiled"`` (the CPU default): rows are solved in blocks of about 2 MiB, one after another
   (``lax.map``), so that every pass of a block's solve reads memory that is already in cache,
-  and each block stops as soon as its own rows are on target;
+  and each block stops as soon as its own rows are on target; rows of up to
+  :data:`LANES_MAX_LENGTH` entries are held in the lanes layout, each pass one variadic
+  reduction (see :func:`entnorm_jax._src.moments.lane_shape`);
 * ``"xla"`` (the TPU default): every pass covers the whole array, and the loop stops when every
   row is on target;
 * ``"pallas"`` (the CUDA default): one fused Pallas kernel whose programs each load a block of rows
@@ -38,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from entnorm_jax._src import pallas_core
-from entnorm_jax._src.moments import Shifted, evaluate, row_stats, shifted
+from entnorm_jax._src.moments import Shifted, distribution, evaluate, row_stats, shifted
 from entnorm_jax._src.solver import FULL, any_of, entropy_bounds, goal, solve, start
 
 IMPLEMENTATIONS = ("tiled", "xla", "pallas")
@@ -46,6 +48,13 @@ IMPLEMENTATIONS = ("tiled", "xla", "pallas")
 # Bytes of logits per block in the tiled layout: a block's passes then run from the cache. Measured
 # on a 2-core x86 machine (2 MiB L2, 32 MiB L3): 1-4 MiB blocks cost the same, 8 MiB twice as much.
 TILE_BYTES = 2**21
+
+# Rows up to this length are solved in the lanes layout of the tiled solve (see
+# ``moments.lane_shape``): every pass over them is one variadic reduction, an evaluation 1.5-5x
+# cheaper (``benchmarks.core``). Longer rows keep one reduction per sum (YNNPACK's): there the lanes
+# layout adds up each lane in sequence, whose float32 rounding grows with the length (1e-3 nats at
+# 262144 entries).
+LANES_MAX_LENGTH = 1024
 
 
 class Config(NamedTuple):
@@ -87,16 +96,20 @@ def tile_rows(rows: int, n: int, itemsize: int) -> int:
   return cap
 
 
-def _solve_block(x, where, target, relative, num_iters, info=False) -> Solution:
+def _solve_block(x, where, target, relative, num_iters, info=False, lanes=False) -> Solution:
   """Solves ``[T, n]`` rows (any T): the body of every layout (in the Pallas kernel, with a
   per-row ``relative``).
+
+  With ``lanes`` the rows are held in the lanes layout: every evaluation gives all four sums (in
+  the one pass that two would take), and the output is computed once more at the last γ
+  (:func:`entnorm_jax._src.moments.distribution`) instead of kept from the loop.
 
   ``target`` is ``[T]`` exact targets, or ``[T, 2]`` (floor, ceiling) entropy bounds with
   ``relative`` of shape ``[2]``: then one light evaluation at γ = 1 gives each row's own entropy,
   rows inside their bounds keep γ = 1 (plain softmax, and with ``target_scale`` 0 softmax's
   derivative), and the others are solved for the bound they cross.
   """
-  rows = shifted(x, where)
+  rows = shifted(x, where, lanes=lanes)
   stats = row_stats(rows)
   rows, stats, unit = _rescale_tiny_rows(rows, stats)
   bounds = entropy_bounds(stats, x.dtype)
@@ -113,6 +126,9 @@ def _solve_block(x, where, target, relative, num_iters, info=False) -> Solution:
     # The block is evaluated in the most demanding mode of its rows that are not done; dense rows
     # take their moments about the maximum (see moments.evaluate), not about ``center``.
     del center, aux
+    if lanes:  # all four sums in the one pass that the entropy's two take
+      mom, _, _ = evaluate(rows, gamma, stats.n_ties, full=True)
+      return mom, jnp.ones(gamma.shape, bool), ()
 
     def run(full: bool):
       mom, e, s0 = evaluate(rows, gamma, stats.n_ties, full=full)
@@ -124,11 +140,15 @@ def _solve_block(x, where, target, relative, num_iters, info=False) -> Solution:
     mom, aux = jax.lax.cond(full, lambda: run(True), lambda: run(False))
     return mom, jnp.broadcast_to(full, gamma.shape), aux
 
-  first = start(stats, bounds, aim.nats, *(() if natural is None else (aim.held, one)))
-  gamma, _, report, (e, s0) = solve(
-    bounds, *first, evaluate_rows, (rows.d, stats.n_valid), num_iters=num_iters, info=info
-  )
-  probs = e / jnp.where(s0 > 0, s0, 1.0)[..., None]
+  held = () if natural is None else (aim.held, one)
+  first = start(stats, bounds, aim.nats, *held, lazy=lanes)
+  aux = () if lanes else (rows.d, stats.n_valid)
+  gamma, _, report, aux = solve(bounds, *first, evaluate_rows, aux, num_iters=num_iters, info=info)
+  if lanes:  # the weights at the last γ, once more
+    probs = distribution(rows, gamma, x.shape[-1])
+  else:
+    e, s0 = aux
+    probs = e / jnp.where(s0 > 0, s0, 1.0)[..., None]
   return Solution(probs, gamma * unit, scale, *(report or ()))
 
 
@@ -142,7 +162,8 @@ def _rescale_tiny_rows(rows: Shifted, stats):
   exponent = jnp.where(tiny & (stats.gap > 0), -jnp.floor(jnp.log2(stats.gap)), 0.0)
 
   def rescale():
-    factor = jnp.exp2(exponent)[..., None]
+    factor = jnp.exp2(exponent)
+    factor = factor.reshape(factor.shape + (1,) * (rows.d.ndim - factor.ndim))
     scaled = Shifted(rows.zmax, rows.d * factor, rows.dm * factor)
     return scaled, row_stats(scaled)
 
@@ -188,12 +209,26 @@ def _pallas(
   return Solution(*solution)
 
 
+def traces_accelerators() -> bool:
+  """Whether the default layout traces the accelerators' branches: not on a machine whose default
+  backend is the CPU (see :func:`_layout`)."""
+  return jax.default_backend() != "cpu"
+
+
 def _layout(x, where, target, relative, cfg: Config) -> Solution:
-  """The solve in the layout of ``cfg.implementation``, or the platform's. The choice between
-  branches is made per platform when the computation is lowered (``platform_dependent``), so that
-  a computation exported for a GPU gets the compiled kernel even when traced on a CPU."""
+  """The solve in the layout of ``cfg.implementation``, or the platform's.
+
+  The choice between branches is made per platform when the computation is lowered
+  (``platform_dependent``), so that a computation traced on a machine with an accelerator and
+  lowered for its CPU (or exported) gets each platform's layout. Every branch is traced, and the
+  kernel's trace was most of a solve site's tracing time (0.7 s of 1 s): on a machine whose
+  default backend is the CPU, the tiled layout is the only one traced, and a computation exported
+  from there for an accelerator runs it there too (name ``implementation="pallas"`` or ``"xla"``
+  to export those).
+  """
   block = functools.partial(_solve_block, num_iters=cfg.num_iters, info=cfg.info)
-  tiled = functools.partial(_tiled, block, info=cfg.info)
+  lanes = x.shape[-1] <= LANES_MAX_LENGTH
+  tiled = functools.partial(_tiled, functools.partial(block, lanes=lanes), info=cfg.info)
   pallas = functools.partial(_pallas, block, info=cfg.info)
   compiled = functools.partial(pallas, interpret=False)
   if cfg.implementation == "tiled":
@@ -207,6 +242,8 @@ def _layout(x, where, target, relative, cfg: Config) -> Solution:
     return jax.lax.platform_dependent(
       *args, cpu=interpreted, cuda=compiled, rocm=compiled, tpu=mosaic, default=block
     )
+  if not traces_accelerators():
+    return tiled(*args)
   return jax.lax.platform_dependent(*args, cpu=tiled, cuda=compiled, default=block)
 
 
@@ -291,6 +328,8 @@ def _solve_rows_jvp(cfg, primals, tangents):
     dq, dgamma = _tiled_tangents(*args)
   elif cfg.implementation in ("xla", "pallas"):
     dq, dgamma = _tangents(*args)
+  elif not traces_accelerators():  # see _layout
+    dq, dgamma = _tiled_tangents(*args)
   else:
     dq, dgamma = jax.lax.platform_dependent(*args, cpu=_tiled_tangents, default=_tangents)
   # The integer outputs (with Config.info) are constant: float0 tangents.

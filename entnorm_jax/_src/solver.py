@@ -18,6 +18,11 @@ half as much, and one is enough to confirm a row that the previous step brought 
 hundredths of a nat of its target. A bracket on γ is kept from monotonicity; a step that leaves
 it is replaced by geometric bisection.
 
+Per-row work (the step algebra, the first guess) is written as loops whose bodies are compiled
+once: the first evaluation is the loop's first pass, the model's steps a ``fori_loop``. At rows of
+a few dozen entries it costs as much as the passes over the rows, and every fusion of it adds to
+the compile time of every solve site.
+
 The loop stops when every row of the block is within ``tol`` nats of its target (``tol`` = 2e-6
 nats in float32, 1e-12 in float64, times max(1, log n)), or after a fixed number of full
 iterations when the caller asks for one. Its last evaluation is at the returned γ, so the caller
@@ -172,7 +177,7 @@ def _binary_model_gamma(n_ties, gap, target, log_m):
   """γ at which m ties at 0 plus one entry at -gap have entropy ``target``.
 
   With x = γ·gap, r = e^{-x}, p = r / (m + r): H(x) - log m = log1p(r/m) + x p, falling from
-  log(1 + 1/m) to 0. Newton on log(H - log m), unrolled (per-row work, independent of n), from the
+  log(1 + 1/m) to 0. Newton on log(H - log m) in a loop (per-row work, independent of n), from the
   large-x solution of r (1 + x) = m (H_t - log m). Rows whose target is above log(m + 1) get 0.
   """
   m = jnp.maximum(n_ties, 1.0)
@@ -181,12 +186,15 @@ def _binary_model_gamma(n_ties, gap, target, log_m):
   log_goal = jnp.log(jnp.where(reachable, excess, 1.0))
   x = jnp.maximum(-jnp.log(m) - log_goal, 1e-3)
   x = jnp.maximum(jnp.log1p(x) - jnp.log(m) - log_goal, 1e-3)
-  for _ in range(4):
+
+  def newton(_, x):
     r = jnp.exp(-x)
     p = r / (m + r)
     e = jnp.log1p(r / m) + x * p
     slope = -x * p * (1.0 - p) / e  # d log(e) / dx
-    x = jnp.clip(x - (jnp.log(e) - log_goal) / slope, 1e-3, 120.0)
+    return jnp.clip(x - (jnp.log(e) - log_goal) / slope, 1e-3, 120.0)
+
+  x = jax.lax.fori_loop(0, 4, newton, x)
   return jnp.where(reachable & jnp.isfinite(gap) & (gap > 0), x / gap, 0.0)
 
 
@@ -196,38 +204,57 @@ def _binary_model_gamma(n_ties, gap, target, log_m):
 _MODEL_DEPTH = 4.0
 
 
-def _model_gamma(model: _Model, bounds: Bounds, target, gamma, steps: int = 3):
-  """Solves the :class:`_Model` for ``target`` by safeguarded Newton steps, unrolled (per-row work,
+def _model_gamma(model: _Model, bounds: Bounds, target, gamma, steps: int = 1):
+  """Solves the :class:`_Model` for ``target`` by safeguarded Newton steps (per-row work,
   independent of n), from ``gamma``: on ``log(log n - H)`` against ``log γ`` while the model's
   entropy is above the target, on ``log(H - log m)`` against ``γ`` below it.
 
+  One step by default: three gave the same number of evaluations per block of rows (16 to 1024
+  entries, ``benchmarks.core``), and at a few dozen entries a step of the model costs about as
+  much as a pass over the row.
+
   Returns:
-    ``(gamma, mean, reached)``: the model's γ, its mean of d there (a centre for the first
-    moments), and whether the target lies within the model's range (else γ is its upper end).
+    ``(gamma, mean, reached)``: the model's γ, its mean of d before the last step (a centre for
+    the first moments), and whether the target lies within the model's range (else γ is its
+    upper end).
   """
   cap = jnp.minimum(bounds.gamma_hi, (model.beta + _MODEL_DEPTH) / model.s)
-  excess_cap, _, _ = model.at(cap)
-  reached = bounds.log_m + excess_cap < target
-  lo = jnp.zeros_like(gamma)
-  hi = cap
-  gamma = jnp.clip(gamma, 0.0, cap)
   goal_u = jnp.log(bounds.log_n - target)
   goal_w = jnp.log(target - bounds.log_m)
-  for _ in range(steps):
-    excess, var, _ = model.at(gamma)
+
+  def newton(i, carry):
+    # Pass 0 measures the model at its upper end (is the target within its range?); the others
+    # take a step from γ. One call of the model in the loop body: it is compiled once.
+    gamma, lo, hi, reached, mean = carry
+    at_cap = i == 0
+    point = jnp.where(at_cap, cap, gamma)
+    excess, var, mean = model.at(point)
     entropy = bounds.log_m + excess
+    # An int32 flag, not a boolean: see _flag.
+    reached = jnp.where(at_cap, (entropy < target).astype(jnp.int32), reached)
     high = entropy > target
-    lo = jnp.where(high, jnp.maximum(lo, gamma), lo)
-    hi = jnp.where(high, hi, jnp.minimum(hi, gamma))
+    lo = jnp.where(high & ~at_cap, jnp.maximum(lo, gamma), lo)
+    hi = jnp.where(high | at_cap, hi, jnp.minimum(hi, gamma))
     deficit = bounds.log_n - entropy
     step_u = (jnp.log(deficit) - goal_u) / (gamma * gamma * var / deficit)
     up = gamma * jnp.exp(jnp.clip(-step_u, -_MAX_LOG_GROWTH, _MAX_LOG_GROWTH))
     down = gamma + (jnp.log(excess) - goal_w) / (gamma * var / excess)
     new = jnp.where(high, up, down)
     inside = (new >= lo) & (new <= hi) & jnp.isfinite(new)
-    gamma = jnp.where(inside, new, jnp.where(lo > 0, jnp.sqrt(lo) * jnp.sqrt(hi), 0.5 * hi))
-  gamma = jnp.where(reached, gamma, cap)
-  return gamma, model.at(gamma)[2], reached
+    new = jnp.where(inside, new, jnp.where(lo > 0, jnp.sqrt(lo) * jnp.sqrt(hi), 0.5 * hi))
+    return jnp.where(at_cap, gamma, new), lo, hi, reached, mean
+
+  gamma = jnp.clip(gamma, 0.0, cap)
+  init = (
+    gamma,
+    jnp.zeros_like(gamma),
+    cap,
+    jnp.zeros(gamma.shape, jnp.int32),
+    jnp.zeros_like(gamma),
+  )
+  gamma, _, _, reached, mean = jax.lax.fori_loop(0, steps + 1, newton, init)
+  reached = reached != 0
+  return jnp.where(reached, gamma, cap), mean, reached
 
 
 class Start(NamedTuple):
@@ -238,7 +265,7 @@ class Start(NamedTuple):
   fixed: jax.Array  # an edge row (clamped target, empty or NaN): γ is the answer, no steps
 
 
-def initial_gamma(stats: RowStats, bounds: Bounds, target: jax.Array) -> Start:
+def initial_gamma(stats: RowStats, bounds: Bounds, target: jax.Array, lazy: bool = False) -> Start:
   """First guess for γ* from exponential-free statistics; edges get their final γ.
 
   Near the uniform end log n - H(γ) ≈ γ² V_0 / 2 (V_0 the plain variance); from there the guess
@@ -253,8 +280,12 @@ def initial_gamma(stats: RowStats, bounds: Bounds, target: jax.Array) -> Start:
   ok = jnp.isfinite(model_gamma) & (model_gamma > 0) & jnp.isfinite(center)
   gamma = jnp.where(ok, model_gamma, gamma)
   # Beyond the model's range: the argmax regime, where m ties and the next value decide.
-  gamma_argmax = _binary_model_gamma(stats.n_ties, stats.gap, target, bounds.log_m)
   argmax = ~(ok & reached)
+  binary = lambda: _binary_model_gamma(stats.n_ties, stats.gap, target, bounds.log_m)
+  if lazy:  # few blocks hold a row in the argmax regime: the others skip its model
+    gamma_argmax = jax.lax.cond(any_of(argmax), binary, lambda: jnp.zeros_like(gamma))
+  else:
+    gamma_argmax = binary()
   gamma = jnp.where(argmax, jnp.minimum(jnp.maximum(gamma, gamma_argmax), bounds.gamma_hi), gamma)
   # q's mean rises with γ from the plain mean (γ = 0) to the maximum, 0 (γ → ∞).
   center = jnp.where(argmax, 0.0, jnp.where(ok, center, stats.mean))
@@ -287,8 +318,7 @@ class _Rows(NamedTuple):
   f_a: jax.Array
   f1_a: jax.Array
   f2_a: jax.Array
-  tau: jax.Array  # the coordinate and value at gamma, in the anchor's coordinate
-  f: jax.Array
+  f: jax.Array  # the value at gamma, in the anchor's coordinate
   evaluations: jax.Array | None  # int32: the passes over this row (None: not counted)
 
 
@@ -299,10 +329,12 @@ def _flag(condition: jax.Array) -> jax.Array:
 
 
 def _coordinates(high, gamma, mom: Moments, target, bounds: Bounds):
-  """``(τ, F)`` of the current point in the chosen coordinate (see the module docstring)."""
-  u = jnp.log(bounds.log_n - mom.entropy) - jnp.log(bounds.log_n - target)
-  w = jnp.log(mom.excess) - jnp.log(target - bounds.log_m)
-  return jnp.where(high, jnp.log(gamma), gamma), jnp.where(high, u, w)
+  """``(τ, F)`` of the current point in the chosen coordinate (see the module docstring): one
+  logarithm of the side's distance and one of the target's (XLA hoists the latter out of the
+  loop; the Pallas kernels recompute it rather than hold it in registers)."""
+  f = jnp.log(jnp.where(high, bounds.log_n - mom.entropy, mom.excess))
+  goal = jnp.log(jnp.where(high, bounds.log_n - target, target - bounds.log_m))
+  return jnp.where(high, jnp.log(gamma), gamma), f - goal
 
 
 def _derivatives(high, gamma, mom: Moments, bounds: Bounds):
@@ -318,8 +350,10 @@ def _derivatives(high, gamma, mom: Moments, bounds: Bounds):
   return jnp.where(high, u1, w1), jnp.where(high, u2, w2)
 
 
-def _observe(rows: _Rows, mom: Moments, full, target, bounds: Bounds, tol, fixed) -> _Rows:
-  """Folds an evaluation at ``rows.gamma`` into the state: bracket, convergence, anchor."""
+def _observe(rows: _Rows, mom: Moments, full, target, bounds: Bounds, tol, fixed, counted) -> _Rows:
+  """Folds an evaluation at ``rows.gamma`` into the state: bracket, convergence, anchor.
+
+  ``counted`` (int32) is 0 for rows that are done: the caller keeps their state."""
   g = rows.gamma
   too_high = mom.entropy > target  # γ too small
   error = jnp.abs(mom.entropy - target)
@@ -351,9 +385,8 @@ def _observe(rows: _Rows, mom: Moments, full, target, bounds: Bounds, tol, fixed
     f_a=anchor(f, rows.f_a),
     f1_a=anchor(f1, rows.f1_a),
     f2_a=anchor(f2, rows.f2_a),
-    tau=tau,
     f=f,
-    evaluations=None if rows.evaluations is None else rows.evaluations + 1,
+    evaluations=None if rows.evaluations is None else rows.evaluations + counted,
   )
 
 
@@ -369,15 +402,16 @@ def _step(rows: _Rows) -> jax.Array:
   at_anchor = rows.tau_a + newton * factor
   # After a light evaluation: the inverse cubic through the anchor (value, 2 derivatives) and the
   # new point.
+  g = rows.gamma
+  log_g = jnp.log(g)
+  here = jnp.where(rows.high != 0, log_g, g)  # the coordinate at gamma
   dl = rows.f - rows.f_a
   safe_dl = jnp.where(dl != 0, dl, 1.0)
-  b3 = (rows.tau - rows.tau_a - b1 * dl - b2 * dl * dl) / (safe_dl * safe_dl * safe_dl)
+  b3 = (here - rows.tau_a - b1 * dl - b2 * dl * dl) / (safe_dl * safe_dl * safe_dl)
   hermite = rows.tau_a + newton + b2 * dz * dz + b3 * dz * dz * dz
-  tau = jnp.where((rows.tau == rows.tau_a) | (dl == 0), at_anchor, hermite)
-  g = rows.gamma
+  tau = jnp.where((here == rows.tau_a) | (dl == 0), at_anchor, hermite)
   # At most a factor 16 per step upwards: from a plateau (near-ties) the local slope predicts
   # far too much, and one-hot overshoots cancel V away, which would stall the next steps.
-  log_g = jnp.log(g)
   proposal = jnp.where(rows.high != 0, jnp.exp(jnp.minimum(tau, log_g + _MAX_LOG_GROWTH)), tau)
   inside = (proposal >= rows.lo) & (proposal <= rows.hi) & jnp.isfinite(proposal)
   bisect = jnp.where(rows.lo > 0, jnp.sqrt(rows.lo) * jnp.sqrt(rows.hi), 0.5 * rows.hi)
@@ -467,14 +501,18 @@ def start(
   held: jax.Array | None = None,
   held_gamma=1.0,
   held_center=None,
+  *,
+  lazy: bool = False,
 ) -> tuple[jax.Array, Start]:
   """The target clamped to [log m, log n], and the :class:`Start` of each row.
 
   Rows flagged ``held`` (inside their entropy bounds) start, and stay, at ``held_gamma`` (γ = 1
-  in the caller's units), centred on ``held_center`` (their mean there) when given.
+  in the caller's units), centred on ``held_center`` (their mean there) when given. With
+  ``lazy``, the argmax-regime model runs only in blocks that hold such a row (a ``cond``: not in
+  the Pallas kernels, whose registers it would cost).
   """
   target = jnp.clip(target, bounds.log_m, bounds.log_n)
-  first = initial_gamma(stats, bounds, target)
+  first = initial_gamma(stats, bounds, target, lazy)
   if held is not None:
     center = first.center if held_center is None else jnp.where(held, held_center, first.center)
     first = Start(jnp.where(held, held_gamma, first.gamma), center, first.fixed | held)
@@ -527,7 +565,6 @@ def solve(
     f_a=nan,
     f1_a=nan,
     f2_a=nan,
-    tau=nan,
     f=nan,
     evaluations=zero if info else None,
   )
@@ -536,28 +573,36 @@ def solve(
 
   def visit(rows, mode, stuck, aux):
     mom, full, aux = evaluate(rows.gamma, rows.center, mode, aux)
-    seen = _observe(rows, mom, full, target, bounds, tol, first.fixed | stuck)
     keep = mode == SKIP
-    return jax.tree.map(lambda old, new: jnp.where(keep, old, new), rows, seen), aux
-
-  rows, aux = visit(rows, jnp.full(target.shape, FULL, jnp.int32), first.fixed, aux)
+    seen = _observe(rows, mom, full, target, bounds, tol, stuck, _flag(~keep))
+    # A done row's γ stays (see _step), and so its state; its moments may be anything.
+    kept = lambda old, new: jnp.where(keep, old, new)
+    seen = seen._replace(
+      done=kept(rows.done, seen.done),
+      error=kept(rows.error, seen.error),
+      center=kept(rows.center, seen.center),
+    )
+    return seen, aux
 
   def cond(carry):
     count, rows, _ = carry
     going = count < limit
-    return going & any_of(rows.done == 0) if adaptive else going
+    return going & ((count == 0) | any_of(rows.done == 0)) if adaptive else going
 
   def body(carry):
+    # The first pass (count 0) evaluates every row at its first guess, in full; one loop body
+    # compiled once instead of a first visit of its own.
     count, rows, aux = carry
-    gamma = _step(rows)
+    first_pass = count == 0
+    gamma = jnp.where(first_pass, rows.gamma, _step(rows))
     # A step that rounds to nothing leaves the row where this precision lets it be.
-    stuck = gamma == rows.gamma
+    stuck = (gamma == rows.gamma) & ~first_pass
     wants_full = rows.wants_full != 0 if adaptive else True
     mode = jnp.where(rows.done != 0, SKIP, jnp.where(wants_full, FULL, LIGHT)).astype(jnp.int32)
-    rows, aux = visit(rows._replace(gamma=gamma), mode, stuck, aux)
+    rows, aux = visit(rows._replace(gamma=gamma), mode, first.fixed | stuck, aux)
     return count + 1, rows, aux
 
-  _, rows, aux = jax.lax.while_loop(cond, body, (1, rows, aux))
+  _, rows, aux = jax.lax.while_loop(cond, body, (0, rows, aux))
   # Converged: on target within the tolerance, or solved at an edge (or held) by construction.
   # Not: rows that met the evaluation cap or the iteration count, stalled, or hold a NaN.
   if not info:
