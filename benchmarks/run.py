@@ -33,7 +33,7 @@ from benchmarks import common
 
 # Always present, then optional (skipped when the module does not exist).
 CORE_MODULES = ("core", "accuracy", "scaling", "peers", "memory")
-OPTIONAL_MODULES = ("attention_cost", "long_attention", "sampling_speed", "tsne", "model_compile")
+OPTIONAL_MODULES = ("attention_cost", "long_attention", "sampling_speed", "tsne")
 
 
 def load_modules(only=None) -> dict:
