@@ -162,7 +162,7 @@ def stats_finalize(acc: StatsAcc) -> tuple[jax.Array, RowStats]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Solver passes: the sums of row_moments, accumulated over blocks.
+# Solver passes: the sums S_0..S_3 of moments.evaluate, accumulated over key blocks.
 
 
 class MomentAcc(NamedTuple):

@@ -8,7 +8,9 @@ steps on γ need:
     q_i = e_i / S_0,      m = E_q[d] = c + S_1/S_0,      V = Var_q[d],      κ = E_q[(d - m)^3],
     H(γ) = log S_0 - γ m,      H'(γ) = -γ V,      H''(γ) = -V - γ κ.
 
-Centring on the previous iterate's mean keeps ``V`` and ``κ`` accurate when they are small.
+The blockwise attention centres its sums on the previous iterate's mean
+(:func:`moments_from_sums`), which keeps ``V`` and ``κ`` accurate when they are small; the dense
+rows take theirs about the maximum (``c = 0``, see :func:`evaluate`).
 
 On XLA's CPU backend every reduction over a ``[rows, n]`` array is a separate pass that costs about
 as much as reading the array, whatever arithmetic it does; so an evaluation computes ``e`` once

@@ -6,7 +6,7 @@ updates, same solver driver); here every pass over the keys is a kernel whose gr
 
 * ``stats``: row maximum and the exponential-free :class:`RowStats`;
 * ``moments`` (once per solver iteration): the sums ``S_0..S_3`` at the current γ; the
-  per-row Halley update runs between kernels in plain JAX (the core's ``halley_update``);
+  per-row step runs between kernels in plain JAX (the core's ``solver.solve``);
 * ``output``: online-softmax attention at the solved γ, plus ``w``, mean and variance for the
   backward pass;
 * backward: a ``dq`` kernel (grid over query blocks) and a ``dk, dv`` kernel (grid over key

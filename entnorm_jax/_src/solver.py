@@ -271,7 +271,7 @@ def initial_gamma(stats: RowStats, bounds: Bounds, target: jax.Array, lazy: bool
   Near the uniform end log n - H(γ) ≈ γ² V_0 / 2 (V_0 the plain variance); from there the guess
   solves the row's :class:`_Model`. The first moments are centred on the model's mean (a centre
   far from q's mean cancels the variance away in float32). ``target`` must already be clamped to
-  [log m, log n].
+  [log m, log n]; ``lazy`` as in :func:`start`.
   """
   deficit = jnp.maximum(bounds.log_n - target, 0.0)
   gamma = jnp.sqrt(2.0 * deficit / jnp.where(stats.var > 0, stats.var, 1.0))
@@ -575,7 +575,9 @@ def solve(
     mom, full, aux = evaluate(rows.gamma, rows.center, mode, aux)
     keep = mode == SKIP
     seen = _observe(rows, mom, full, target, bounds, tol, stuck, _flag(~keep))
-    # A done row's γ stays (see _step), and so its state; its moments may be anything.
+    # A done row's γ stays (see _step), but its moments may be anything (its block's pass may
+    # skip it): what is read of it after the loop (done, error, centre) is kept; the rest of its
+    # state is never read again.
     kept = lambda old, new: jnp.where(keep, old, new)
     seen = seen._replace(
       done=kept(rows.done, seen.done),
