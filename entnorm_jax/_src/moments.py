@@ -161,6 +161,11 @@ def _finite_part(dm: jax.Array) -> jax.Array:
   return jnp.where(dm != -jnp.inf, dm, 0.0)
 
 
+def _in_lanes(rows: Shifted) -> bool:
+  """Whether ``rows`` are held in the lanes layout, ``[..., sublanes, lanes]`` (:func:`shifted`)."""
+  return rows.dm.ndim > rows.zmax.ndim + 1
+
+
 def _row_sums(terms) -> tuple[jax.Array, ...]:
   return _row_reduce(terms, (0.0,) * len(terms), (jax.lax.add,) * len(terms))
 
@@ -200,7 +205,7 @@ def row_stats(rows: Shifted) -> RowStats:
   The variance is taken about the maximum (``E[d²] - E[d]²``): it only seeds the first guess, and
   one pass fewer matters more than its digits when the row's spread is tiny next to its mean.
   """
-  if rows.d.ndim > rows.zmax.ndim + 1:  # the lanes layout: one variadic pass
+  if _in_lanes(rows):  # one variadic pass
     dm, d = rows.dm, _finite_part(rows.dm)
     n, ties, neg_gap, s1, s2 = _row_reduce(
       (
@@ -249,7 +254,7 @@ def evaluate(
   g = jnp.maximum(gamma, jnp.finfo(rows.d.dtype).tiny)
   g = g.reshape(g.shape + (1,) * (rows.d.ndim - g.ndim))
   e = jnp.exp(g * rows.dm)
-  if rows.d.ndim > gamma.ndim + 1:  # the lanes layout: one variadic pass, e not written out
+  if _in_lanes(rows):  # one variadic pass, e not written out
     d = _finite_part(rows.dm)
     sums = _row_sums((e, e * d, e * d * d, e * d * d * d)[: 4 if full else 2])
     e = None

@@ -215,6 +215,12 @@ def traces_accelerators() -> bool:
   return jax.default_backend() != "cpu"
 
 
+def _tiled_only(implementation: str | None) -> bool:
+  """Whether the solve, and its tangents, are traced in the tiled layout alone: asked for, or the
+  default on a machine that does not trace the accelerators' branches."""
+  return implementation == "tiled" or (implementation is None and not traces_accelerators())
+
+
 def _layout(x, where, target, relative, cfg: Config) -> Solution:
   """The solve in the layout of ``cfg.implementation``, or the platform's.
 
@@ -231,7 +237,7 @@ def _layout(x, where, target, relative, cfg: Config) -> Solution:
   tiled = functools.partial(_tiled, functools.partial(block, lanes=lanes), info=cfg.info)
   pallas = functools.partial(_pallas, block, info=cfg.info)
   compiled = functools.partial(pallas, interpret=False)
-  if cfg.implementation == "tiled":
+  if _tiled_only(cfg.implementation):
     return tiled(x, where, target, relative)
   if cfg.implementation == "xla":
     return block(x, where, target, relative)
@@ -242,8 +248,6 @@ def _layout(x, where, target, relative, cfg: Config) -> Solution:
     return jax.lax.platform_dependent(
       *args, cpu=interpreted, cuda=compiled, rocm=compiled, tpu=mosaic, default=block
     )
-  if not traces_accelerators():
-    return tiled(*args)
   return jax.lax.platform_dependent(*args, cpu=tiled, cuda=compiled, default=block)
 
 
@@ -324,12 +328,10 @@ def _solve_rows_jvp(cfg, primals, tangents):
   dx, _, dt, _ = tangents
   sol = solve_rows(x, where, target, relative, cfg)
   args = (sol.probs, x, sol.gamma, sol.target_scale, dx, dt)
-  if cfg.implementation == "tiled":
+  if _tiled_only(cfg.implementation):
     dq, dgamma = _tiled_tangents(*args)
   elif cfg.implementation in ("xla", "pallas"):
     dq, dgamma = _tangents(*args)
-  elif not traces_accelerators():  # see _layout
-    dq, dgamma = _tiled_tangents(*args)
   else:
     dq, dgamma = jax.lax.platform_dependent(*args, cpu=_tiled_tangents, default=_tangents)
   # The integer outputs (with Config.info) are constant: float0 tangents.

@@ -353,7 +353,8 @@ def _derivatives(high, gamma, mom: Moments, bounds: Bounds):
 def _observe(rows: _Rows, mom: Moments, full, target, bounds: Bounds, tol, fixed, counted) -> _Rows:
   """Folds an evaluation at ``rows.gamma`` into the state: bracket, convergence, anchor.
 
-  ``counted`` (int32) is 0 for rows that are done: the caller keeps their state."""
+  ``counted`` (int32) is 0 for rows that are done (not evaluated again): their evaluation count
+  stays, and the caller keeps the rest of what is read of them."""
   g = rows.gamma
   too_high = mom.entropy > target  # γ too small
   error = jnp.abs(mom.entropy - target)
