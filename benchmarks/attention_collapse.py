@@ -35,8 +35,9 @@ deviation over seeds, and the Markdown lists which differences are larger than t
 (the mean ± std intervals do not overlap: a heuristic for three seeds, not a significance test).
 The run's wall time is recorded in the JSON and the Markdown.
 
-Run ``python -m benchmarks.attention_collapse [--quick]``: prints a table and writes
-``attention_collapse.{json,md,png}`` into ``benchmarks/results/``.
+Run ``python -m benchmarks.attention_collapse [--quick] [--out DIR] [--plot-only]``: prints a
+table and writes ``attention_collapse.{json,md,png}`` where :func:`benchmarks.common.out_dir` says
+(``benchmarks/results/`` for a full run).
 """
 
 from __future__ import annotations
@@ -527,7 +528,7 @@ def markdown(result: dict) -> str:
 
 
 def main(argv=None) -> None:
-  common.snapshot_main("attention_collapse", __doc__, run, markdown, plot, argv)
+  common.module_main("attention_collapse", __doc__, run, markdown, plot, argv)
 
 
 if __name__ == "__main__":

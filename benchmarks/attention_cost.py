@@ -12,8 +12,9 @@ Measured side by side in one process (float32, jit, compiled ahead, interleaved 
   :mod:`benchmarks.attention_collapse` (2 layers, 128 features, 4 heads, batch 16, context 64)
   with standard vs entropy-normalized attention.
 
-Run ``python -m benchmarks.attention_cost [--quick]``: prints a table and writes
-``attention_cost.{json,md,png}`` into ``benchmarks/results/``.
+Run ``python -m benchmarks.attention_cost [--quick] [--out DIR] [--plot-only]``: prints a table
+and writes ``attention_cost.{json,md,png}`` where :func:`benchmarks.common.out_dir` says
+(``benchmarks/results/`` for a full run).
 """
 
 from __future__ import annotations
@@ -186,7 +187,7 @@ def plot(result: dict, path: pathlib.Path) -> None:
 
 
 def main(argv=None) -> None:
-  common.snapshot_main("attention_cost", __doc__, run, markdown, plot, argv)
+  common.module_main("attention_cost", __doc__, run, markdown, plot, argv)
 
 
 if __name__ == "__main__":

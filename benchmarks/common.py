@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import json
 import os
 import pathlib
 import platform
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -31,15 +33,19 @@ import numpy as np
 
 __all__ = [
   "compile_ahead",
+  "entropy64",
   "environment",
   "float64",
   "fmt_time",
   "markdown_table",
+  "module_main",
+  "out_dir",
   "quick_from_env",
   "random_logits",
   "save_json",
   "time_calls",
   "write_figure",
+  "write_results",
 ]
 
 
@@ -67,21 +73,6 @@ def quick_from_env() -> bool:
 def compile_ahead(fn: Callable, *args) -> Callable:
   """``jax.jit(fn)`` lowered and compiled for ``args`` (no tracing or compiling when timed)."""
   return jax.jit(fn).lower(*args).compile()
-
-
-def as_on_an_accelerator(fn: Callable) -> Callable:
-  """``fn``, traced as on a machine with an accelerator: the default layout then traces the
-  accelerators' branches (on a machine whose default backend is the CPU it traces the CPU's
-  alone), so that lowering for CUDA or a TPU from here builds what those machines build."""
-  from unittest import mock
-
-  from entnorm_jax._src import normalize
-
-  def traced(*args):
-    with mock.patch.object(normalize, "traces_accelerators", lambda: True):
-      return fn(*args)
-
-  return traced
 
 
 def no_persistent_cache():
@@ -113,6 +104,16 @@ def least_of(samples: list[dict[str, float]]) -> dict:
   """Per phase, the least of the repeats (``total_s``: the least total of one repeat)."""
   best = {key: min(s[key] for s in samples) for key in samples[0]}
   return {**best, "repeats": samples}
+
+
+def entropy64(p, axis: int = -1) -> np.ndarray:
+  """Entropy (nats) of the probabilities ``p`` along ``axis``, in float64 (``0 log 0 = 0``).
+
+  The one reference entropy of the benchmarks: errors |H - target| are measured with it.
+  """
+  p = np.asarray(p, np.float64)
+  positive = p > 0
+  return -np.sum(np.where(positive, p * np.log(np.where(positive, p, 1.0)), 0.0), axis=axis)
 
 
 def random_logits(seed: int, shape: Sequence[int], scale: float = 1.0) -> jax.Array:
@@ -246,45 +247,89 @@ def write_figure(fig, path: str | os.PathLike) -> pathlib.Path:
   return path
 
 
+# Where results go: one rule for every command (``python -m benchmarks.NAME`` and
+# ``python -m benchmarks.run``). A full run writes NAME.json, NAME.md and NAME.png into RESULTS_DIR,
+# the committed snapshots; a smoke run (--quick, --smoke, ENTNORM_QUICK=1) writes into QUICK_DIR,
+# so that it never overwrites a snapshot; --out DIR writes into DIR instead of either.
 RESULTS_DIR = pathlib.Path(__file__).parent / "results"
+QUICK_DIR = pathlib.Path(tempfile.gettempdir()) / "entnorm_benchmarks_quick"
 
 
-def report(name: str, result: dict, markdown: Callable, plot: Callable, out_dir) -> None:
-  """Adds the environment to ``result``, prints its Markdown and writes NAME.json/.md/.png."""
-  result["environment"] = environment()
-  text = markdown(result)
-  print(text)
-  out = pathlib.Path(out_dir)
+def out_dir(out: str | os.PathLike | None, quick: bool) -> pathlib.Path:
+  """The folder a run writes into: ``out`` if given, else :data:`RESULTS_DIR` for a full run and
+  :data:`QUICK_DIR` for a smoke run (see the rule above)."""
+  if out is not None:
+    return pathlib.Path(out)
+  return QUICK_DIR if quick else RESULTS_DIR
+
+
+def draw(plot: Callable, name: str, result: dict, out) -> list[pathlib.Path]:
+  """Calls a module's ``plot`` and returns the paths it wrote: ``plot(result, out_dir)`` (which
+  returns them), or ``plot(result, path)`` (second parameter named ``path``), given
+  ``<out>/<name>.png``."""
+  out = pathlib.Path(out)
+  params = list(inspect.signature(plot).parameters)
+  if len(params) > 1 and params[1] == "path":
+    plot(result, out / f"{name}.png")
+    return [out / f"{name}.png"]
+  drawn = plot(result, out) or []
+  drawn = [drawn] if isinstance(drawn, (str, os.PathLike)) else drawn
+  return [pathlib.Path(p) for p in drawn]
+
+
+def write_results(
+  name: str, result: dict, text: str, plot: Callable | None, out
+) -> list[pathlib.Path]:
+  """Writes ``out``/NAME.json, NAME.md (``text``) and the figures of ``plot`` (if any); returns
+  the figures' paths."""
+  out = pathlib.Path(out)
   save_json(result, out / f"{name}.json")
   (out / f"{name}.md").write_text(text)
-  plot(result, out)
+  return draw(plot, name, result, out) if plot is not None else []
 
 
-def module_main(name: str, doc: str, run: Callable, markdown: Callable, plot: Callable, argv=None):
-  """The command line of a benchmark module: ``python -m benchmarks.NAME [--quick] [--out DIR]``."""
-  parser = argparse.ArgumentParser(description=doc.splitlines()[0])
-  parser.add_argument("--quick", action="store_true", help="smaller sizes, fewer repeats")
-  parser.add_argument("--out", default=str(RESULTS_DIR), help=f"folder for {name}.json/.md/.png")
-  args = parser.parse_args(argv)
-  report(name, run(quick=args.quick), markdown, plot, args.out)
+def replot(name: str, plot: Callable, out=None) -> list[pathlib.Path]:
+  """Draws NAME's figures again from its saved ``NAME.json`` (in ``out``, default
+  :data:`RESULTS_DIR`), without running the benchmark."""
+  folder = pathlib.Path(out) if out is not None else RESULTS_DIR
+  result = json.loads((folder / f"{name}.json").read_text())
+  return draw(plot, name, result, folder)
 
 
-def snapshot_main(
-  name: str, doc: str, run: Callable, markdown: Callable, plot: Callable, argv=None
+def report(name: str, result: dict, markdown: Callable, plot: Callable | None, out_dir) -> None:
+  """Adds the environment to ``result`` (unless it has one), prints its Markdown and writes
+  NAME.json/.md/.png into ``out_dir``."""
+  result.setdefault("environment", environment())
+  text = markdown(result)
+  print(text)
+  written = write_results(name, result, text, plot, out_dir)
+  print(f"wrote {pathlib.Path(out_dir) / name}.json, .md" + "".join(f", {p.name}" for p in written))
+
+
+def module_main(
+  name: str, doc: str, run: Callable, markdown: Callable, plot: Callable | None, argv=None
 ):
-  """Command line of an experiment whose committed snapshot is its full run.
+  """The command line of a benchmark module:
+  ``python -m benchmarks.NAME [--quick] [--out DIR] [--plot-only]``.
 
-  ``--quick`` (or ``ENTNORM_QUICK=1``) only prints the table; a full run also writes NAME.json,
-  NAME.md and NAME.png (``plot(result, path)``) into :data:`RESULTS_DIR`.
+  Results go where :func:`out_dir` says; ``--plot-only`` redraws the figures from the saved
+  NAME.json in that folder (default :data:`RESULTS_DIR`) without running anything.
   """
   parser = argparse.ArgumentParser(description=doc.splitlines()[0])
-  parser.add_argument("--quick", action="store_true", help="a smoke run: print, write nothing")
-  quick = parser.parse_args(argv).quick or quick_from_env()
-  result = run(quick)
-  table = markdown(result)
-  print(table)
-  if quick:
+  parser.add_argument("--quick", action="store_true", help="smaller sizes, fewer repeats")
+  parser.add_argument(
+    "--out",
+    help=f"folder for {name}.json/.md/.png (default: benchmarks/results/; with --quick, "
+    f"{QUICK_DIR})",
+  )
+  if plot is not None:
+    parser.add_argument(
+      "--plot-only", action="store_true", help=f"redraw {name}.png from the saved {name}.json"
+    )
+  args = parser.parse_args(argv)
+  if getattr(args, "plot_only", False):
+    for path in replot(name, plot, args.out):
+      print(f"wrote {path}")
     return
-  save_json(result, RESULTS_DIR / f"{name}.json")
-  (RESULTS_DIR / f"{name}.md").write_text(table)
-  plot(result, RESULTS_DIR / f"{name}.png")
+  quick = args.quick or quick_from_env()
+  report(name, run(quick=quick), markdown, plot, out_dir(args.out, quick))

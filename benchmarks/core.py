@@ -129,9 +129,7 @@ import optimistix as optx
 
 import entnorm_jax as en
 from benchmarks import common
-from entnorm_jax._src.moments import row_stats, shifted
-from entnorm_jax._src.normalize import LANES_MAX_LENGTH, tile_rows
-from entnorm_jax._src.solver import entropy_bounds, start
+from entnorm_jax._src import hooks
 
 # The shapes the bars are stated for; --quick uses an eighth of the rows. Issue 9's bars (forward
 # and gradient, with peers) for the long rows; issue 17's (forward, read on an Intel AVX-512 CPU)
@@ -159,30 +157,6 @@ def random_problem(
   return x, target, w
 
 
-def _first_guess(x: jax.Array, target: jax.Array):
-  """The core's shifted rows, bounds and first iterate (all rows valid)."""
-  rows = shifted(x, None)
-  stats = row_stats(rows)
-  bounds = entropy_bounds(stats, x.dtype)
-  target, first = start(stats, bounds, target)
-  return rows.d, bounds, target, jax.lax.stop_gradient(first.gamma)
-
-
-def statistics_pass(x: jax.Array) -> jax.Array:
-  """The core's exponential-free statistics pass alone, in its CPU layout (row blocks, in the
-  lanes layout up to ``LANES_MAX_LENGTH`` entries)."""
-  rows, n = x.shape
-  t = tile_rows(rows, n, x.dtype.itemsize)
-  lanes = n <= LANES_MAX_LENGTH
-
-  def body(i, out):
-    block = shifted(jax.lax.dynamic_slice_in_dim(x, i * t, t), None, lanes=lanes)
-    stats = row_stats(block)
-    return jax.lax.dynamic_update_slice_in_dim(out, stats.var + stats.gap, i * t, 0)
-
-  return jax.lax.fori_loop(0, rows // t, body, jnp.zeros(rows, x.dtype))
-
-
 def _entropy_terms(gamma: jax.Array, d: jax.Array):
   """H(softmax(γ·d)) and dH/dlog γ = -γ² Var for rows ``d`` (one pass, one exp per element)."""
   e = jnp.exp(gamma[..., None] * d)
@@ -197,7 +171,7 @@ def unrolled_entropy_softmax(x: jax.Array, target: jax.Array, num_iters: int) ->
   first guess, written with ``lax.scan`` so that reverse mode differentiates through every step
   (the baseline the implicit derivative replaces). Once the steps converge, its gradient is the
   true one; before, it is the derivative of an unconverged iterate."""
-  d, bounds, target, gamma = _first_guess(x, target)
+  d, bounds, target, gamma = hooks.first_iterate(x, target)
 
   def body(log_g, _):
     h, slope = _entropy_terms(jnp.exp(log_g), d)
@@ -215,7 +189,7 @@ def optimistix_entropy_softmax(
   Newton starts from the core's first guess and is kept inside [0, γ_hi] (optimistix's
   ``lower``/``upper`` options). It stops when both |H - H_t| and the step in γ are below ``atol``.
   """
-  d, bounds, target, gamma0 = _first_guess(x, target)
+  d, bounds, target, gamma0 = hooks.first_iterate(x, target)
   solver = optx.Newton(rtol=0.0, atol=atol)
 
   def solve_row(g0, hi, row, t):
@@ -230,9 +204,7 @@ def optimistix_entropy_softmax(
 
 def row_errors(q: jax.Array, target: jax.Array) -> np.ndarray:
   """|H(q) - target| per row, in float64."""
-  q = np.asarray(q, np.float64)
-  logq = np.log(np.where(q > 0, q, 1.0))
-  return np.abs(-np.sum(q * logq, axis=-1) - np.asarray(target, np.float64))
+  return np.abs(common.entropy64(q) - np.asarray(target, np.float64))
 
 
 def entropy_error(q: jax.Array, target: jax.Array) -> float:
@@ -275,7 +247,7 @@ def _bench_shape(shape, *, quick: bool, peers: bool = True) -> dict:
     ),
     "entropy_softmax num_iters=0": lambda x, t: en.entropy_softmax(x, t, num_iters=0),
     "entropy_softmax num_iters=2": lambda x, t: en.entropy_softmax(x, t, num_iters=2),
-    "statistics pass alone": lambda x, t: statistics_pass(x),
+    "statistics pass alone": lambda x, t: hooks.statistics_pass(x),
   }
   grads = {
     "grad softmax": jax.grad(_loss(softmax)),
@@ -464,26 +436,77 @@ def markdown(result: dict) -> str:
   return "\n".join(parts) + "\n"
 
 
+def _bar_label(name: str) -> tuple[str, str]:
+  """A timed function's row in the plot and the note on its bar (the unrolled baseline's step
+  count, which differs per shape, goes on the bar so that every panel has the same rows)."""
+  if name.startswith("grad unrolled autodiff ("):
+    return "grad unrolled autodiff", name[len("grad unrolled autodiff (") : -1]
+  return name, ""
+
+
 def plot(result: dict, out_dir) -> list[pathlib.Path]:
-  """Median time relative to softmax, per shape and function."""
+  """Median time relative to softmax's forward, per shape and function: one panel per shape,
+  the same rows in every panel; a function not run at a shape says so in its row."""
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+  from matplotlib.ticker import FixedLocator, NullLocator
 
-  fig, axes = plt.subplots(1, len(result["shapes"]), figsize=(13, 3.6), sharey=True)
-  for ax, per in zip(np.atleast_1d(axes), result["shapes"], strict=True):
-    names = list(per["times"])
-    base = per["times"]["softmax"]["median_s"]
-    rel = [per["times"][n]["median_s"] / base for n in names]
-    colors = ["tab:gray" if "softmax" == n or n == "grad softmax" else "tab:blue" for n in names]
-    ax.barh(names, rel, color=colors)
+  shapes = result["shapes"]
+  rows: list[str] = []
+  for per in shapes:
+    rows += [r for r in (_bar_label(n)[0] for n in per["times"]) if r not in rows]
+  rel = [
+    {
+      _bar_label(n)[0]: (t["median_s"] / per["times"]["softmax"]["median_s"], _bar_label(n)[1])
+      for n, t in per["times"].items()
+    }
+    for per in shapes
+  ]
+  values = [v for r in rel for v, _ in r.values()]
+  lo, hi = min(values + [1.0]) / 1.6, max(values + [1.0]) * 6.0
+  ticks = [t for t in (0.03, 0.1, 0.3, 1, 3, 10, 30, 100, 300) if lo <= t <= hi]
+  cols = min(3, len(shapes))
+  nrows = -(-len(shapes) // cols)
+  fig, axes = plt.subplots(
+    nrows, cols, figsize=(5.0 * cols + 2.6, 0.33 * len(rows) * nrows + 1.3 * nrows + 0.6),
+    sharex=True, sharey=True, squeeze=False,
+  )  # fmt: skip
+  y = np.arange(len(rows))
+  clear = dict(facecolor="white", edgecolor="none", pad=0.6, alpha=0.85)  # text over the 1× line
+  for ax, per, r in zip(axes.flat, shapes, rel, strict=False):
+    for k, name in enumerate(rows):
+      if name not in r:
+        # Measured at other shapes only: optimistix and the unrolled baseline run at the long
+        # rows (``peers``), not the short ones.
+        ax.text(lo * 1.15, k, "not run (long rows only)", va="center", fontsize=8, color="0.4",
+                bbox=clear)  # fmt: skip
+        continue
+      value, note = r[name]
+      softmax = name in ("softmax", "grad softmax")
+      ax.barh(k, value, color="0.6" if softmax else "tab:blue", height=0.7)
+      label = f"{value:.2f}×" + (f" ({note})" if note else "")
+      ax.text(value * 1.08, k, label, va="center", fontsize=8, bbox=clear)
     ax.set_xscale("log")
+    ax.set_xlim(lo, hi)
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xticklabels([f"{t:g}×" for t in ticks])
     ax.axvline(1.0, color="k", lw=0.8)
-    ax.set_title("×".join(map(str, per["shape"])), fontsize=10)
-    ax.set_xlabel("median time / softmax forward", fontsize=9)
-    ax.tick_params(labelsize=8)
-  fig.suptitle(f"entropy_softmax cost, {jax.default_backend()} float32", fontsize=11)
+    ax.set_title(f"[{' × '.join(map(str, per['shape']))}] (rows × entries)", fontsize=10)
+    ax.tick_params(labelsize=9)
+  for ax in axes[-1]:
+    ax.set_xlabel("median time / softmax forward (log scale)", fontsize=9)
+  for ax in axes.flat[len(shapes) :]:
+    ax.set_visible(False)
+  axes[0, 0].set_yticks(y, rows)
+  axes[0, 0].invert_yaxis()
+  backend = result.get("environment", {}).get("backend", jax.default_backend())
+  fig.suptitle(
+    f"entropy_softmax cost relative to jax.nn.softmax, {backend} float32 (grey: softmax)",
+    fontsize=11,
+  )
   fig.tight_layout()
   return [common.write_figure(fig, pathlib.Path(out_dir) / "core.png")]
 

@@ -70,10 +70,11 @@ evaluation at 128, 256, 512 and 1024. Reported, as mean ± sample standard devia
   and per (layer, head) by ``n_valid`` in octaves (2, 3–4, 5–8, ..., 513–1024 keys): how each
   head's entropy moves as keys are added.
 
-Run ``python -m benchmarks.extrapolation [--quick]``: the full run writes
+Run ``python -m benchmarks.extrapolation [--quick] [--out DIR] [--plot-only]``: the full run writes
 ``extrapolation.{json,md,png}`` into ``benchmarks/results/``; ``--quick`` (or ``ENTNORM_QUICK=1``)
-is a tiny smoke run that only prints. The full run is sized to finish in under 45 minutes on a
-2-core CPU; its wall time is recorded in the JSON.
+is a tiny smoke run, written into a temporary folder (:func:`benchmarks.common.out_dir`). The
+full run is sized to finish in under 45 minutes on a 2-core CPU; its wall time is recorded in the
+JSON.
 """
 
 from __future__ import annotations
@@ -901,7 +902,7 @@ def plot(result: dict, path: pathlib.Path) -> None:
 
 
 def main(argv=None) -> None:
-  common.snapshot_main("extrapolation", __doc__, run, markdown, plot, argv)
+  common.module_main("extrapolation", __doc__, run, markdown, plot, argv)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,6 @@ import json
 import os
 import pathlib
 import subprocess
-import tempfile
 import time
 import traceback
 
@@ -53,7 +52,7 @@ import numpy as np
 
 import entnorm_jax as en
 from benchmarks import common, gpu_attention, kernels
-from entnorm_jax._src import normalize, pallas_core
+from entnorm_jax._src import hooks
 
 # Remaining sizes and steps are skipped after this many seconds (the whole run stays under 8 min).
 BUDGET_S = 420.0
@@ -112,8 +111,8 @@ def device() -> dict:
     memory_bytes=memory,
     plugins=plugins,
     driver=_driver(),
-    core_implementations=list(normalize.IMPLEMENTATIONS),
-    pallas_max_length=pallas_core.MAX_LENGTH,
+    core_implementations=list(hooks.IMPLEMENTATIONS),
+    pallas_max_length=hooks.pallas_core.MAX_LENGTH,
   )
   return env
 
@@ -145,7 +144,7 @@ def reference(x: np.ndarray, valid: np.ndarray, w: np.ndarray) -> dict:
     logits = np.where(valid, logits - np.where(np.isfinite(top), top, 0.0), -np.inf)
     e = np.where(valid, np.exp(logits), 0.0)
     q = e / np.maximum(e.sum(-1, keepdims=True), 1e-300)
-    h = -np.sum(np.where(q > 0, q * np.log(np.where(q > 0, q, 1.0)), 0.0), -1)
+    h = common.entropy64(q)
     return q, h
 
   lo, hi = np.zeros(len(z)), np.ones(len(z))
@@ -170,17 +169,12 @@ def reference(x: np.ndarray, valid: np.ndarray, w: np.ndarray) -> dict:
   return {"q": q, "grad": np.where(valid, grad, 0.0), "target": target}
 
 
-def _entropy(q: np.ndarray) -> np.ndarray:
-  q = np.asarray(q, np.float64)
-  return -np.sum(np.where(q > 0, q * np.log(np.where(q > 0, q, 1.0)), 0.0), -1)
-
-
 def _core_cases(smoke: bool) -> dict:
   """name -> (logits, valid mask or None, cotangent w), float32 logits = 3 * normal. Smoke runs
   skip the longest row (a GPU concern) and give both other cases one shape (fewer compiles)."""
   rng = np.random.default_rng(0)
   dense, ragged = ((16, 40), (16, 40)) if smoke else ((512, 1000), (256, 3000))
-  longest = (16, pallas_core.MAX_LENGTH)
+  longest = (16, hooks.pallas_core.MAX_LENGTH)
 
   def logits(shape):
     return (3 * rng.standard_normal(shape)).astype(np.float32)
@@ -228,8 +222,9 @@ def core_accuracy(smoke: bool) -> list[dict]:
         got[impl] = (q, g)
         nonempty = mask.sum(-1) >= 2
         scale = max(np.max(np.abs(ref["grad"])), 1e-30)
+        entropy_error = np.abs(common.entropy64(q) - ref["target"])[nonempty]
         row[impl] = {
-          "max_abs_entropy_error": float(np.max(np.abs(_entropy(q) - ref["target"])[nonempty])),
+          "max_abs_entropy_error": float(np.max(entropy_error)),
           "max_abs_q_error": float(np.max(np.abs(q - ref["q"]))),
           "max_grad_error_rel": float(np.max(np.abs(g - ref["grad"])) / scale),
           "masked_exactly_zero": bool(np.all(q[~mask] == 0) and np.all(g[~mask] == 0)),
@@ -263,7 +258,7 @@ def core_timing(smoke: bool, deadline: float) -> list[dict]:
   """Forward and gradient medians of the core's implementations and of ``jax.nn.softmax``."""
   fns = {f"entropy_softmax[{impl}]": _core_fn(impl) for impl in IMPLEMENTATIONS}
   fns["softmax"] = jax.nn.softmax
-  max_length = pallas_core.MAX_LENGTH
+  max_length = hooks.pallas_core.MAX_LENGTH
   rows = []
   for i, shape in enumerate(SMOKE_CORE_SHAPES if smoke else CORE_SHAPES):
     row = {"shape": list(shape)}
@@ -501,10 +496,7 @@ def main(argv=None) -> dict:
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {SMOKE_XLA_FLAGS}".strip()
   smoke = args.smoke or jax.default_backend() == "cpu"
   interpret = jax.default_backend() != "gpu"
-  default = (
-    pathlib.Path(tempfile.gettempdir()) / "entnorm_gpu_smoke" if smoke else common.RESULTS_DIR
-  )
-  out = pathlib.Path(args.out) if args.out else default
+  out = common.out_dir(args.out, smoke)
   start = time.perf_counter()
   deadline = start + BUDGET_S
   result = {"smoke": smoke, "interpret": interpret, "budget_s": BUDGET_S,

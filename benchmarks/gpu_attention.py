@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import pathlib
 import time
 import traceback
 
@@ -312,12 +311,12 @@ def run_steps(result: dict, steps, save, start: float, deadline=float("inf"), al
 
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
+  parser.add_argument("--out", help="default: benchmarks/results/, smoke runs a temporary folder")
   parser.add_argument("--smoke", action="store_true", help="toy sizes, interpreted kernels")
   args = parser.parse_args(argv)
   smoke = args.smoke or jax.default_backend() == "cpu"
   interpret = jax.default_backend() != "gpu"
-  out = pathlib.Path(args.out)
+  out = common.out_dir(args.out, smoke)
   start = time.perf_counter()
   deadline = start + BUDGET_S
   result = {"environment": common.environment(), "interpret": interpret, "smoke": smoke,

@@ -54,7 +54,8 @@ import jax.numpy as jnp
 import entnorm_jax as en
 from benchmarks import common
 from entnorm_jax import attention as ena
-from entnorm_jax._src import pallas_core
+from entnorm_jax._src import hooks
+from entnorm_jax._src.hooks import pallas_core
 
 ARCHS = (80, 90)  # sm_80 (A100), sm_90 (H100/H200)
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # bytes of shared memory a block may use
@@ -69,7 +70,7 @@ SWEEP_ATTENTION_SHAPES = (
   (16, 16, 4, 2), (32, 32, 4, 2), (32, 32, 8, 2), (64, 16, 4, 2), (64, 32, 8, 2), (64, 64, 4, 2),
   (64, 64, 8, 2),
 )  # fmt: skip
-RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+RESULTS = common.RESULTS_DIR  # where kernels.json is read from (benchmarks.gpu)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,8 +204,8 @@ def _core_case(shape, dtype, implementation, direction):
   f = lambda x: en.entropy_softmax(x, target_fraction=0.5, implementation=implementation)
   if direction == "backward":
     g = jax.grad(lambda x: jnp.sum(f(x).astype(jnp.float32) * jnp.arange(shape[-1])))
-    return common.as_on_an_accelerator(g), (x,)
-  return common.as_on_an_accelerator(f), (x,)
+    return hooks.as_on_an_accelerator(g), (x,)
+  return hooks.as_on_an_accelerator(f), (x,)
 
 
 def _attention_case(
@@ -314,7 +315,7 @@ def sweep_attention(jobs: int, log: pathlib.Path | None = None) -> list[dict]:
   """Pallas attention (forward and backward: five kernels, causal, L = 1024) for every variant
   in :data:`SWEEP_ATTENTION_VARIANTS`, head dim in :data:`SWEEP_ATTENTION_DIMS` and kernel shape
   in :data:`SWEEP_ATTENTION_SHAPES`: one row per (variant, dim, shape, kernel, arch)."""
-  from entnorm_jax._src import pallas_attention
+  from entnorm_jax._src.hooks import pallas_attention
 
   labelled = []
   for dtype, precision in SWEEP_ATTENTION_VARIANTS:
@@ -530,7 +531,7 @@ def measure_tpu(quick: bool) -> tuple[list[dict] | None, str | None]:
 
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
+  parser.add_argument("--out", type=pathlib.Path, help="default: common.out_dir's rule")
   parser.add_argument("--quick", action="store_true", help="one core and one attention case")
   parser.add_argument("--no-tpu", action="store_true", help="skip the TPU compilation")
   parser.add_argument("--sweep", action="store_true", help="the sweeps behind the tables only")
@@ -538,6 +539,7 @@ def main(argv=None) -> dict:
   args = parser.parse_args(argv)
   if not os.environ.get("JAX_PLATFORMS"):  # built for accelerators, run on none (nor libtpu)
     jax.config.update("jax_platforms", "cpu")
+  args.out = common.out_dir(args.out, args.quick)
   args.out.mkdir(parents=True, exist_ok=True)
   start = time.perf_counter()
   log = pathlib.Path(tempfile.gettempdir(), "entnorm_kernel_builds.jsonl")  # builds as they end

@@ -48,8 +48,8 @@ from jax.experimental import topologies  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 
 import entnorm_jax as en  # noqa: E402
-from benchmarks import common  # noqa: E402
 from entnorm_jax import attention  # noqa: E402
+from entnorm_jax._src import hooks  # noqa: E402
 
 TOPOLOGIES = ("v5e:2x2", "v6e:2x2")
 CORE_SHAPES = ((4096, 128), (4096, 1000), (512, 4096), (64, 16384))
@@ -102,7 +102,7 @@ def _core(implementation, direction):
     loss = lambda x, t: jnp.sum(forward(x, t).astype(jnp.float32) * weights)
     return jax.grad(loss, argnums=(0, 1))(x, target)
 
-  return common.as_on_an_accelerator(forward if direction == "forward" else gradient)
+  return hooks.as_on_an_accelerator(forward if direction == "forward" else gradient)
 
 
 def _attention(implementation, direction):

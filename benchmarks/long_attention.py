@@ -15,7 +15,8 @@ Two figures (batch 1, one head, head dim 64, float32, relative target 0.5):
   The bar: blockwise <= 1.5x dense. The machine is shared with other jobs while these figures
   are taken: expect noise; ratios come from the same process.
 
-Run ``python -m benchmarks.long_attention [--quick]``; results go to ``benchmarks/results/``.
+Run ``python -m benchmarks.long_attention [--quick] [--out DIR] [--plot-only]``; a full run writes
+``benchmarks/results/long_attention.*`` (see :func:`benchmarks.common.out_dir`).
 """
 
 from __future__ import annotations
@@ -225,34 +226,72 @@ def markdown(result: dict) -> str:
 
 
 def plot(result: dict, out_dir) -> pathlib.Path:
+  """Two panels: peak memory of forward+backward vs length (dense and blockwise), and the
+  blockwise forward time over the dense one per length."""
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  fig, ax = plt.subplots(figsize=(5.5, 3.6))
-  for impl, label, marker in (("xla", "dense (xla)", "o"), ("blockwise", "blockwise", "s")):
+  fig, (ax, at) = plt.subplots(1, 2, figsize=(12, 4.8), gridspec_kw={"width_ratios": [1.5, 1]})
+  styles = (("xla", "dense (xla)", "o", "tab:red"), ("blockwise", "blockwise", "s", "tab:blue"))
+  for impl, label, marker, color in styles:
     rows = [r for r in result["memory"] if r["implementation"] == impl]
     ax.plot([r["length"] for r in rows], [r["peak_rss_bytes"] / 2**30 for r in rows],
-            marker=marker, label=label)  # fmt: skip
+            marker=marker, ms=7, lw=2, color=color, label=label)  # fmt: skip
   lengths = np.array(sorted({r["length"] for r in result["memory"]}))
+  peak = {r["length"]: r["peak_rss_bytes"] / 2**30 for r in result["memory"]
+          if r["implementation"] == "xla"}  # fmt: skip
+  dense = list(peak)
+  if dense and max(dense) < lengths.max():
+    n, top = max(dense), lengths.max()
+    ax.annotate(
+      f"dense not run beyond {n:,} tokens\n(N×N scores: {4 * top**2 / 2**30:.0f} GiB at {top:,})",
+      xy=(n, peak[n]), xytext=(n * 1.4, 0.08), fontsize=10, color="tab:red",
+      arrowprops=dict(arrowstyle="->", color="tab:red"),
+    )  # fmt: skip
   # The N×N line is drawn over the whole axis, so it shows whatever lengths were measured.
   span = np.geomspace(min(lengths.min(), 1024), max(lengths.max(), 65536), 32)
   ax.plot(span, 4.0 * span**2 / 2**30, "k:", label="one head's N×N float32 scores")
-  ax.axhline(2.0, color="r", lw=0.8, ls="--", label="2 GiB target")
-  ax.set(xscale="log", yscale="log", xlabel="tokens", ylabel="peak RSS, fwd+bwd (GiB)")
-  ax.set_xticks(lengths, [str(n) for n in lengths], rotation=45)
+  ax.axhline(MEMORY_BAR_BYTES / 2**30, color="0.3", lw=1, ls="--", label="2 GiB target")
+  ax.set(xscale="log", yscale="log", xlabel="tokens", ylabel="peak RSS, forward + backward (GiB)")
+  ax.set_xticks(lengths, [f"{n:,}" for n in lengths])
   ax.xaxis.set_minor_locator(plt.NullLocator())
   ax.set_ylim(0.05, 40)
-  ax.legend(fontsize=8, handlelength=3)
-  ax.set_title("Entropy attention memory, 1 head, dim 64", fontsize=9)
+  ax.legend(fontsize=10, loc="upper left")
+  ax.set_title("peak memory, causal, 1 head, dim 64, float32", fontsize=11)
+
+  timing = result.get("timing", [])
+  for causal, label, marker, color in ((False, "non-causal", "o", "tab:blue"),
+                                       (True, "causal", "D", "tab:green")):  # fmt: skip
+    rows = [r for r in timing if r["causal"] == causal and r.get("ratio") is not None]
+    if rows:
+      at.plot([r["length"] for r in rows], [r["ratio"] for r in rows], marker=marker, ms=8,
+              lw=2, ls="-" if len(rows) > 1 else "none", color=color, label=label)  # fmt: skip
+  at.axhline(TIME_BAR, color="0.3", lw=1, ls="--", label=f"{TIME_BAR:g}× target")
+  at.axhline(1.0, color="k", lw=0.8)
+  timed = sorted({r["length"] for r in timing})
+  at.set(xscale="log", xlabel="tokens", ylabel="blockwise time / dense time")
+  if timed:
+    at.set_xticks(timed, [f"{n:,}" for n in timed])
+  at.xaxis.set_minor_locator(plt.NullLocator())
+  at.set_ylim(0, max([TIME_BAR * 1.2] + [r["ratio"] * 1.15 for r in timing if r.get("ratio")]))
+  at.legend(fontsize=10, loc="lower right")
+  at.set_title("forward time, medians (below 1: blockwise faster)", fontsize=11)
+  for a in (ax, at):
+    a.tick_params(labelsize=10)
+    a.xaxis.label.set_size(11)
+    a.yaxis.label.set_size(11)
+  fig.suptitle("Entropy attention at long lengths on the CPU: dense vs blockwise", fontsize=12)
+  fig.tight_layout()
   return common.write_figure(fig, pathlib.Path(out_dir) / "long_attention.png")
 
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true")
-  parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
+  parser.add_argument("--out", help="folder for long_attention.json/.md/.png (common.out_dir)")
+  parser.add_argument("--plot-only", action="store_true", help="redraw from the saved JSON")
   parser.add_argument("--child", nargs=2, metavar=("IMPLEMENTATION", "LENGTH"))
   parser.add_argument("--full", action="store_true", help="(child) non-causal attention")
   args = parser.parse_args(argv)
@@ -260,15 +299,12 @@ def main(argv=None) -> None:
     impl, n = args.child
     print(json.dumps(measure_here(impl, int(n), causal=not args.full)))
     return
-  result = run(quick=args.quick)
-  out = pathlib.Path(args.out)
-  suffix = "_quick" if args.quick else ""
-  common.save_json(result, out / f"long_attention{suffix}.json")
-  text = markdown(result)
-  (out / f"long_attention{suffix}.md").write_text(text)
-  if not args.quick:
-    plot(result, out)
-  print(text)
+  if args.plot_only:
+    for path in common.replot("long_attention", plot, args.out):
+      print(f"wrote {path}")
+    return
+  quick = args.quick or common.quick_from_env()
+  common.report("long_attention", run(quick=quick), markdown, plot, common.out_dir(args.out, quick))
 
 
 if __name__ == "__main__":

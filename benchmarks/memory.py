@@ -12,7 +12,8 @@ a fresh subprocess, which reports
 * ``xla_temp_bytes``: the compiled program's temporary buffers (``memory_analysis``), a
   deterministic cross-check.
 
-Run ``python -m benchmarks.memory [--quick]``.
+Run ``python -m benchmarks.memory [--quick] [--out DIR] [--plot-only]`` (results where
+:func:`benchmarks.common.out_dir` says).
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ import entnorm_jax as en
 from benchmarks import common
 from benchmarks.core import random_problem, unrolled_entropy_softmax
 
-RESULTS_DIR = common.RESULTS_DIR
 METHODS = ("implicit", "unrolled")
 # quick -> (shape, iteration counts)
 SIZES = {True: ((64, 8192), (1, 16)), False: ((128, 16384), (1, 2, 4, 8, 16, 32))}
@@ -158,7 +158,8 @@ def plot(result: dict, out_dir) -> list[pathlib.Path]:
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true", help="fewer iteration counts, smaller input")
-  parser.add_argument("--out", default=str(RESULTS_DIR), help="folder for memory.json/.md/.png")
+  parser.add_argument("--out", help="folder for memory.json/.md/.png (see common.out_dir)")
+  parser.add_argument("--plot-only", action="store_true", help="redraw from the saved JSON")
   parser.add_argument("--child", nargs=2, metavar=("METHOD", "ITERS"), help=argparse.SUPPRESS)
   parser.add_argument("--shape", nargs=2, type=int, default=(64, 8192), help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
@@ -166,7 +167,12 @@ def main(argv=None) -> None:
     method, iters = args.child
     print(json.dumps(measure_here(method, int(iters), tuple(args.shape))))
     return
-  common.report("memory", run(quick=args.quick), markdown, plot, args.out)
+  if args.plot_only:
+    for path in common.replot("memory", plot, args.out):
+      print(f"wrote {path}")
+    return
+  quick = args.quick or common.quick_from_env()
+  common.report("memory", run(quick=quick), markdown, plot, common.out_dir(args.out, quick))
 
 
 if __name__ == "__main__":

@@ -49,10 +49,9 @@ def bisection_entropy_softmax(x: jax.Array, target: jax.Array, num_iters: int) -
 
 
 def _row_entropy64(gamma: float, d: np.ndarray) -> float:
-  s = gamma * d
-  e = np.exp(s - s.max())
-  z = e.sum()
-  return float(np.log(z) - np.dot(e, s - s.max()) / z)
+  """H(softmax(γ·d)) of one row, in float64."""
+  e = np.exp(gamma * d - np.max(gamma * d))
+  return float(common.entropy64(e / e.sum()))
 
 
 def brentq_gamma(x: np.ndarray, target: np.ndarray, *, xtol: float = 1e-12) -> np.ndarray:

@@ -2,14 +2,15 @@
 
     python -m benchmarks.run [--quick] [--out DIR] [--only NAME ...]
 
-Runs every benchmark module's ``run(quick)`` in turn (with a progress bar) and writes a results
-folder (default ``results/``, ignored by git):
+Runs every benchmark module's ``run(quick)`` in turn (with a progress bar) and writes, by the
+rule every benchmark command follows (:func:`benchmarks.common.out_dir`), into
+``benchmarks/results/`` for a full run, a temporary folder for ``--quick``, or ``--out DIR``:
 
-* ``results.json``: every figure of every module, the environment (jax/jaxlib versions, backend,
-  device kind, CPU model) and each module's wall time;
-* ``results.md``: the tables;
-* ``*.png``: the plots of the modules that have a ``plot(result, out_dir)`` (or
-  ``plot(result, path)``); a module's ``markdown(result)`` renders its tables when it has one.
+* ``NAME.json``, ``NAME.md`` and ``NAME.png`` of each module, as ``python -m benchmarks.NAME``
+  writes them (the plots of the modules that have a ``plot(result, out_dir)`` or
+  ``plot(result, path)``; a module's ``markdown(result)`` renders its tables when it has one);
+* ``run.json``: every figure of every module, the environment (jax/jaxlib versions, backend,
+  device kind, CPU model) and each module's wall time; ``run.md``: all the tables.
 
 Modules written for other parts of the library (attention, sampling) are included when they are
 present. A module that fails is recorded in the JSON and Markdown with its traceback, the others
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import inspect
 import pathlib
 import sys
 import time
@@ -79,18 +79,6 @@ def _generic_markdown(name: str, result: dict) -> str:
   return "\n".join(parts)
 
 
-def _draw(draw, name: str, result: dict, out: pathlib.Path) -> list[str]:
-  """Calls a module's ``plot``: ``plot(result, out_dir)`` returning the path(s) it wrote, or
-  ``plot(result, path)`` (second parameter named ``path``), which gets ``<out>/<name>.png``."""
-  params = list(inspect.signature(draw).parameters)
-  if len(params) > 1 and params[1] == "path":
-    draw(result, out / f"{name}.png")
-    return [f"{name}.png"]
-  drawn = draw(result, out) or []
-  drawn = [drawn] if isinstance(drawn, (str, pathlib.PurePath)) else drawn
-  return [pathlib.Path(p).name for p in drawn]
-
-
 def run_suite(quick: bool, out: pathlib.Path, only=None) -> dict:
   """Runs the modules, writes the results folder and returns the combined figures."""
   modules = load_modules(only)
@@ -105,18 +93,19 @@ def run_suite(quick: bool, out: pathlib.Path, only=None) -> dict:
     try:
       result = module.run(quick=quick)
       suite["modules"][name] = result
+      result.setdefault("environment", env)
       render = getattr(module, "markdown", None)
-      sections.append(render(result) if render else _generic_markdown(name, result))
-      draw = getattr(module, "plot", None)
-      if draw is not None:
-        plots += _draw(draw, name, result, out)
+      text = render(result) if render else _generic_markdown(name, result)
+      sections.append(text)
+      drawn = common.write_results(name, result, text, getattr(module, "plot", None), out)
+      plots += [p.name for p in drawn]
     except Exception:  # record and keep going; the exit status reports the failure
       suite["failed"][name] = traceback.format_exc()
       sections.append(f"## {name}\n\nFAILED:\n\n```\n{suite['failed'][name]}```\n")
     suite["wall_s"][name] = time.perf_counter() - start
   suite["plots"] = plots
-  common.save_json(suite, out / "results.json")
-  (out / "results.md").write_text(_header(suite) + "\n".join(sections))
+  common.save_json(suite, out / "run.json")
+  (out / "run.md").write_text(_header(suite) + "\n".join(sections))
   return suite
 
 
@@ -136,13 +125,17 @@ def _header(suite: dict) -> str:
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description="Run the entnorm_jax benchmark suite.")
   parser.add_argument("--quick", action="store_true", help="small sizes (under 2 min on 2 CPUs)")
-  parser.add_argument("--out", default="results", help="results folder (default: results/)")
+  parser.add_argument(
+    "--out",
+    help=f"results folder (default: benchmarks/results/; with --quick, {common.QUICK_DIR})",
+  )
   parser.add_argument("--only", nargs="+", metavar="NAME", help="run only these modules")
   args = parser.parse_args(argv)
   start = time.perf_counter()
-  suite = run_suite(args.quick, pathlib.Path(args.out), args.only)
+  out = common.out_dir(args.out, args.quick)
+  suite = run_suite(args.quick, out, args.only)
   print(
-    f"wrote {args.out}/results.json, results.md, {len(suite['plots'])} plots "
+    f"wrote {out}/run.json, run.md, each module's json and md, {len(suite['plots'])} plots "
     f"in {time.perf_counter() - start:.0f} s"
   )
   for name, tb in suite["failed"].items():

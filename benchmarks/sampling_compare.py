@@ -18,7 +18,8 @@ of its parameter, and each run is scored on
 The same scores of the real continuations of the prompts give the human reference. Methods are
 compared at equal mean entropy by interpolating each sweep.
 
-Run: ``python -m benchmarks.sampling_compare`` (writes ``benchmarks/results/sampling_compare.*``).
+Run: ``python -m benchmarks.sampling_compare [--quick] [--out DIR] [--plot-only]`` (writes
+``benchmarks/results/sampling_compare.*`` on a full run; see :func:`benchmarks.common.out_dir`).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from benchmarks import common
 from benchmarks.corpus import CharCorpus
 from entnorm_jax import sampling as ens
 
-RESULTS = pathlib.Path(__file__).parent / "results"
+RESULTS = common.RESULTS_DIR
 PARAMS_PATH = RESULTS / "sampling_lm.npz"
 EMBED, HIDDEN = 48, 256
 WINDOW = 16  # characters in a repetition window
@@ -312,8 +313,25 @@ def run(quick: bool = False) -> dict:
 # --------------------------------------------------------------------------------- reporting
 
 
+# One look per method, the same in every panel: ours thick and dark, the others a colour each
+# (tab10 less its grey) with their own marker and dash, so that no two lines are told apart by
+# colour alone.
+_STYLE = {
+  "entropy": dict(color="k", marker="o", ls="-", lw=2.8),
+  "entropy_ceiling": dict(color="0.5", marker="s", ls="-", lw=2.8),
+  "temperature": dict(color="tab:blue", marker="^", ls="-"),
+  "top_k": dict(color="tab:orange", marker="v", ls="--"),
+  "top_p": dict(color="tab:green", marker="D", ls="-."),
+  "min_p": dict(color="tab:red", marker="P", ls=":"),
+  "typical": dict(color="tab:purple", marker="X", ls="-"),
+  "eta": dict(color="tab:brown", marker="*", ls="--"),
+  "mirostat": dict(color="tab:pink", marker="h", ls="-."),
+}
+
+
 def plot(result: dict, path: pathlib.Path) -> None:
-  """Four panels of score vs mean entropy, one line per method, human text as a dashed line."""
+  """Four panels of score vs mean entropy, one line per method, human text as a dashed line;
+  one legend for all four."""
   import matplotlib
 
   matplotlib.use("Agg")
@@ -322,22 +340,27 @@ def plot(result: dict, path: pathlib.Path) -> None:
   panels = [
     ("repetition", "repeated 16-char windows (boredom)"),
     ("non_words", "non-word rate (confusion)"),
-    ("log_lik", "model log-lik (nats/char)"),
-    ("entropy_spread", "std of per-step entropy"),
+    ("log_lik", "model log-likelihood (nats/char)"),
+    ("entropy_spread", "std of the per-step entropy (nats)"),
   ]
-  fig, axes = plt.subplots(2, 2, figsize=(9, 6.5))
+  fig, axes = plt.subplots(2, 2, figsize=(12, 9.6), layout="constrained")
+  methods = [m for m in SWEEPS if any(r["method"] == m for r in result["runs"])]
   for ax, (metric, title) in zip(axes.flat, panels, strict=True):
-    for method in SWEEPS:
+    for method in methods:
       pts = sorted((r["entropy"], r[metric]) for r in result["runs"] if r["method"] == method)
-      style = {"entropy": dict(lw=2.4, color="k"), "entropy_ceiling": dict(lw=2.4, color="0.55")}
-      style = style.get(method, dict(lw=1.2))
-      ax.plot(*zip(*pts, strict=True), marker="o", ms=3, label=method, **style)
-    ax.axhline(result["reference"][metric], ls="--", color="gray", lw=1)
-    ax.set_title(title, fontsize=10)
-    ax.set_xlabel("mean entropy of the sampling distribution (nats)", fontsize=8)
-  axes[0, 0].legend(fontsize=7, ncol=2)
-  axes[0, 1].text(0.02, 0.92, "dashed: human text", transform=axes[0, 1].transAxes, fontsize=7)
-  fig.tight_layout()
+      style = {"lw": 1.6, **_STYLE.get(method, {})}
+      style["ms"] = 7 if style["lw"] > 2 else 6
+      ax.plot(*zip(*pts, strict=True), label=method, **style)
+    ax.axhline(result["reference"][metric], ls=(0, (6, 3)), color="tab:cyan", lw=2,
+               label="human text (reference)")  # fmt: skip
+    ax.set_title(title, fontsize=11)
+    ax.set_xlabel("mean entropy of the sampling distribution (nats)", fontsize=10)
+    ax.tick_params(labelsize=9)
+    ax.grid(alpha=0.3)
+  handles, labels = axes[0, 0].get_legend_handles_labels()
+  fig.legend(handles, labels, loc="outside lower center", ncol=5, fontsize=10, frameon=False)
+  fig.suptitle("Samplers compared on a character-level LSTM (one line per method, all panels)",
+               fontsize=12)  # fmt: skip
   common.write_figure(fig, path)
 
 
@@ -380,13 +403,8 @@ def markdown(result: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-  result = run(quick=common.quick_from_env())
-  text = markdown(result)
-  print(text)
-  common.save_json(result, RESULTS / "sampling_compare.json")
-  (RESULTS / "sampling_compare.md").write_text(text)
-  plot(result, RESULTS / "sampling_compare.png")
+def main(argv=None) -> None:
+  common.module_main("sampling_compare", __doc__, run, markdown, plot, argv)
 
 
 if __name__ == "__main__":

@@ -12,13 +12,13 @@ heavy upper tail: the nucleus holds a few tokens, the cut is among the candidate
 (Gaussian logits of scale 2: ~12k tokens, the cut needs the bisection). torch is optional: without
 it the comparison is recorded as not available.
 
-Run: ``python -m benchmarks.sampling_speed`` (writes ``benchmarks/results/sampling_speed.*``).
+Run: ``python -m benchmarks.sampling_speed [--quick] [--out DIR]`` (writes
+``benchmarks/results/sampling_speed.*`` on a full run; see :func:`benchmarks.common.out_dir`).
 """
 
 from __future__ import annotations
 
 import functools
-import pathlib
 
 import jax
 import numpy as np
@@ -26,7 +26,6 @@ import numpy as np
 from benchmarks import common
 from entnorm_jax import sampling as ens
 
-RESULTS = pathlib.Path(__file__).parent / "results"
 BATCH, VOCAB = 64, 50_000
 TOP_P = 0.9
 JAX_TOP_P = "transform only: top_p"
@@ -190,12 +189,8 @@ def markdown(result: dict) -> str:
   )
 
 
-def main() -> None:
-  result = run(quick=common.quick_from_env())
-  text = markdown(result)
-  print(text)
-  common.save_json(result, RESULTS / "sampling_speed.json")
-  (RESULTS / "sampling_speed.md").write_text(text)
+def main(argv=None) -> None:
+  common.module_main("sampling_speed", __doc__, run, markdown, None, argv)
 
 
 if __name__ == "__main__":

@@ -94,11 +94,6 @@ def knn_sq_distances(x: np.ndarray, perplexity: float) -> np.ndarray:
   return graph.data.reshape(n, k).astype(np.float32)
 
 
-def entropy64(p: np.ndarray) -> np.ndarray:
-  p = np.asarray(p, np.float64)
-  return -np.sum(p * np.log(np.where(p > 0, p, 1.0)), axis=-1)
-
-
 def _entropy_at(beta: np.ndarray, d: np.ndarray) -> np.ndarray:
   """H(softmax(-β d)) per row, d >= 0 with a zero in every row (so no overflow, sum >= 1)."""
   e = np.exp(-beta[:, None] * d)
@@ -150,7 +145,7 @@ def peers(perplexity: float) -> dict:
 
 
 def accuracy(p, target_h: float, reference_sklearn, reference_exact) -> dict:
-  err = np.abs(entropy64(p) - target_h)
+  err = np.abs(common.entropy64(p) - target_h)
   return {
     "max_entropy_error": float(err.max()),
     "rows_off": int(np.sum(err > OFF_NATS)),

@@ -20,7 +20,7 @@ from entnorm_jax._src.functions import (
   entropy_softmax_cross_entropy_with_integer_labels as entropy_softmax_cross_entropy_with_integer_labels,  # noqa: E501
 )
 from entnorm_jax._src.functions import solve_gamma as solve_gamma
-from entnorm_jax._src.solver import SolveInfo as SolveInfo
+from entnorm_jax._src.iteration import SolveInfo as SolveInfo
 
 try:
   __version__ = _metadata.version("entnorm_jax")

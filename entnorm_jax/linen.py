@@ -27,6 +27,9 @@ from flax.linen.module import merge_param
 from entnorm_jax._src.flax_attention import (
   IMPLEMENTATIONS,
   RAW_NAMES,
+  cache_step,
+  flax_keywords,
+  module_keywords,
   module_targets,
   raw_to_target,
   target_to_raw,
@@ -37,6 +40,7 @@ from entnorm_jax._src.flax_attention import (
 from entnorm_jax._src.flax_attention import (
   entropy_dot_product_attention as entropy_dot_product_attention,
 )
+from entnorm_jax._src.targets import KEYWORDS
 
 __all__ = [
   "EntropyMultiHeadAttention",
@@ -130,9 +134,11 @@ class EntropyMultiHeadAttention(nn.MultiHeadDotProductAttention):
       num_heads, q_length]`` nats), to measure a trained model's heads and pick targets from
       them (``"xla"`` only).
     relative: removed; setting it raises a ``ValueError`` naming ``target_fraction``.
-    attention_fn: the attention function, called with Flax's keywords plus the target keywords,
-      ``num_iters``, ``implementation`` and ``sow_entropies`` (each only if its signature accepts
-      it).
+    attention_fn: the attention function, called with Flax's keywords as
+      ``flax.linen.MultiHeadDotProductAttention`` calls it (those its signature names), plus the
+      target keywords, ``num_iters`` and ``implementation`` (and ``sow_weights``,
+      ``sow_entropies`` with ``sow_entropies``), each of these only when its signature names it
+      or takes ``**kwargs`` (as in :mod:`entnorm_jax.nnx`).
     The other attributes are those of ``flax.linen.MultiHeadDotProductAttention``.
 
   Examples:
@@ -165,16 +171,9 @@ class EntropyMultiHeadAttention(nn.MultiHeadDotProductAttention):
 
   def _given_targets(self) -> dict:
     removed = {} if self.relative is None else {"relative": self.relative}
+    given = {name: getattr(self, name) for name in KEYWORDS}
     return module_targets(
-      num_heads=self.num_heads,
-      learn=self.learn_target,
-      removed=removed,
-      target_entropy=self.target_entropy,
-      target_fraction=self.target_fraction,
-      min_entropy=self.min_entropy,
-      max_entropy=self.max_entropy,
-      min_fraction=self.min_fraction,
-      max_fraction=self.max_fraction,
+      num_heads=self.num_heads, learn=self.learn_target, removed=removed, **given
     )
 
   def targets(self) -> dict[str, jax.Array]:
@@ -199,19 +198,10 @@ class EntropyMultiHeadAttention(nn.MultiHeadDotProductAttention):
     index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
     if not initialized:
       return key, value, mask
-    *batch, max_length, heads, depth = cached_key.value.shape
-    if query.shape != (*batch, 1, heads, depth):
-      raise ValueError(
-        f"autoregressive cache expects a query of shape {(*batch, 1, heads, depth)}, got "
-        f"{query.shape}"
-      )
-    # all start indices in the cache index's dtype: Python ints would be int64 under x64
-    zero = jnp.zeros((), index.value.dtype)
-    start = (zero,) * len(batch) + (index.value, zero, zero)
-    key = jax.lax.dynamic_update_slice(cached_key.value, key, start)
-    value = jax.lax.dynamic_update_slice(cached_value.value, value, start)
+    key, value, seen = cache_step(
+      cached_key.value, cached_value.value, index.value, key, value, ("query", query)
+    )
     cached_key.value, cached_value.value = key, value
-    seen = jnp.broadcast_to(jnp.arange(max_length) <= index.value, (*batch, 1, 1, max_length))
     index.value = index.value + 1
     return key, value, nn.combine_masks(mask, seen, dtype=bool)
 
@@ -295,13 +285,7 @@ class EntropyMultiHeadAttention(nn.MultiHeadDotProductAttention):
       deterministic = True
 
     kwargs = dict(
-      mask=mask,
-      dropout_rng=dropout_rng,
-      dropout_rate=self.dropout_rate,
-      broadcast_dropout=self.broadcast_dropout,
-      deterministic=deterministic,
-      dtype=self.dtype,
-      precision=self.precision,
+      flax_keywords(self, mask, dropout_rng, deterministic),
       force_fp32_for_softmax=self.force_fp32_for_softmax,
       qk_attn_weights_einsum=(
         self.qk_attn_weights_einsum_cls() if self.qk_attn_weights_einsum_cls else None
@@ -309,16 +293,11 @@ class EntropyMultiHeadAttention(nn.MultiHeadDotProductAttention):
       attn_weights_value_einsum=(
         self.attn_weights_value_einsum_cls() if self.attn_weights_value_einsum_cls else None
       ),
-      num_iters=self.num_iters,
-      implementation=self.implementation,
-      **self.targets(),
     )
-    if self.sow_entropies:
-      kwargs.update(sow_entropies=True, sow_weights=sow_weights)
+    # Flax's keywords filtered by signature, as Flax's module does
     accepted = inspect.signature(self.attention_fn).parameters
-    if self.sow_entropies and "sow_entropies" not in accepted:
-      raise ValueError("sow_entropies=True needs an attention_fn that takes sow_entropies")
     kwargs = {k: v for k, v in kwargs.items() if k in accepted}
+    kwargs.update(module_keywords(self, sow_weights))
     if sow_weights or self.sow_entropies:
       kwargs["module"] = self
     x = self.attention_fn(query, key, value, **kwargs)

@@ -24,6 +24,9 @@ from flax import nnx
 from entnorm_jax._src.flax_attention import (
   IMPLEMENTATIONS,
   RAW_NAMES,
+  cache_step,
+  flax_keywords,
+  module_keywords,
   module_targets,
   raw_to_target,
   target_to_raw,
@@ -79,8 +82,11 @@ class EntropyMultiHeadAttention(nnx.MultiHeadAttention):
     sow_entropies: sow each row's entropy before normalization (that of ``softmax(s)``) and after
       it as ``nnx.Intermediate`` ``'entropy_before'`` and ``'entropy_after'`` (``[batch...,
       num_heads, q_length]`` nats), to measure a trained model's heads (``"xla"`` only).
-    attention_fn: called with NNX's keywords plus the target keywords, ``num_iters`` and
-      ``implementation`` (and ``sow_weights``, ``sow_entropies`` with ``sow_entropies``).
+    attention_fn: called with NNX's keywords, all of them, as ``flax.nnx.MultiHeadAttention``
+      calls it, plus the target keywords, ``num_iters`` and ``implementation`` (and
+      ``sow_weights``, ``sow_entropies`` with ``sow_entropies``), each of these only when its
+      signature names it or takes ``**kwargs`` (as in :mod:`entnorm_jax.linen`): Flax's own
+      attention functions work unchanged.
     rngs: the ``nnx.Rngs`` for initialization (and dropout).
     **kwargs: the remaining keyword arguments of ``flax.nnx.MultiHeadAttention``.
 
@@ -176,21 +182,13 @@ class EntropyMultiHeadAttention(nnx.MultiHeadAttention):
     """Appends this step's key/value to the decode cache; returns them and the combined mask."""
     if self.cached_key is None or self.cached_value is None or self.cache_index is None:
       raise ValueError("autoregressive cache not initialized: call init_cache first")
-    *batch, max_length, heads, depth = self.cached_key.shape
-    if key.shape != (*batch, 1, heads, depth):
-      raise ValueError(
-        f"autoregressive cache expects a key of shape {(*batch, 1, heads, depth)}, got {key.shape}"
-      )
     index = self.cache_index[...]
-    # all start indices in the cache index's dtype: Python ints would be int64 under x64
-    zero = jnp.zeros((), index.dtype)
-    start = (zero,) * len(batch) + (index, zero, zero)
-    key = jax.lax.dynamic_update_slice(self.cached_key[...], key, start)
-    value = jax.lax.dynamic_update_slice(self.cached_value[...], value, start)
+    key, value, seen = cache_step(
+      self.cached_key[...], self.cached_value[...], index, key, value, ("key", key)
+    )
     self.cached_key[...] = key
     self.cached_value[...] = value
     self.cache_index[...] = index + 1
-    seen = jnp.broadcast_to(jnp.arange(max_length) <= index, (*batch, 1, 1, max_length))
     return key, value, nnx.combine_masks(mask, seen, dtype=bool)
 
   def __call__(
@@ -267,18 +265,9 @@ class EntropyMultiHeadAttention(nnx.MultiHeadAttention):
       query,
       key,
       value,
-      mask=mask,
-      dropout_rng=dropout_rng,
-      dropout_rate=self.dropout_rate,
-      broadcast_dropout=self.broadcast_dropout,
-      deterministic=deterministic,
-      dtype=self.dtype,
-      precision=self.precision,
+      **flax_keywords(self, mask, dropout_rng, deterministic),
       module=self if sow_weights or self.sow_entropies else None,
       is_causal=is_causal,
-      num_iters=self.num_iters,
-      implementation=self.implementation,
-      **self.targets(),
-      **({"sow_weights": sow_weights, "sow_entropies": True} if self.sow_entropies else {}),
+      **module_keywords(self, sow_weights),
     )
     return self.out(x, **out)

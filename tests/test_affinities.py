@@ -8,7 +8,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import check_figures
 from jax.test_util import check_grads
+from references import entropy64
 
 import entnorm_jax as en
 
@@ -29,12 +31,6 @@ N, K = 64, 16  # the synthetic problems share a shape, so the solver compiles fe
 def per_row(perplexity: float) -> np.ndarray:
   """One float32 perplexity per point (the synthetic tests all pass ``[N]``)."""
   return np.full(N, perplexity, np.float32)
-
-
-def entropy64(p) -> np.ndarray:
-  """Row entropies (nats) of ``p`` evaluated in float64."""
-  p = np.asarray(p, np.float64)
-  return -np.sum(p * np.log(np.where(p > 0, p, 1.0)), axis=-1)
 
 
 def entropy_tolerance(k: int, dtype) -> float:
@@ -255,7 +251,7 @@ def test_bad_shapes_raise():
 # ------------------------------------------------------------------------------------ benchmark
 
 
-def test_tsne_benchmark_runs_tiny(monkeypatch, tmp_path):
+def test_tsne_benchmark_runs_tiny(monkeypatch, tmp_path, figures):
   # The benchmark's run -> markdown -> plot path on one tiny case, so it cannot go stale; its
   # figures are checked for sanity, never for speed.
   from benchmarks import tsne
@@ -272,5 +268,5 @@ def test_tsne_benchmark_runs_tiny(monkeypatch, tmp_path):
   assert ours["max_abs_error_vs_exact"] < 1e-5
   assert len(result["bars"]) == 1 and isinstance(result["bars"][0]["met"], bool)
   assert "digits 300 + 1e5" in tsne.markdown(result)
-  (png,) = tsne.plot(result, tmp_path)
-  assert png.stat().st_size > 0
+  assert tsne.plot(result, tmp_path) == [tmp_path / "tsne.png"]
+  check_figures(figures, ["tsne.png"])

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import check_figures
 
 import entnorm_jax as en
 
@@ -61,7 +62,7 @@ def test_unrolled_baseline_converges_to_the_core_and_its_gradient():
   assert core._unrolled_steps(x, target, 1e-4) <= 8
 
 
-def test_core_run_tiny(monkeypatch, tmp_path):
+def test_core_run_tiny(monkeypatch, tmp_path, figures):
   monkeypatch.setattr(core, "SHAPES", ((24, 48),))
   monkeypatch.setattr(core, "SHORT_SHAPES", ((64, 5),))
   monkeypatch.setattr(core, "FORWARD_BARS", {(3, 48): 5.0})
@@ -82,11 +83,11 @@ def test_core_run_tiny(monkeypatch, tmp_path):
     assert 0 < seconds["trace_lower_s"] and 0 < seconds["compile_s"] < float("inf")
   json.dumps(result)
   assert "Targets" in core.markdown(result) and "Compile seconds" in core.markdown(result)
-  (png,) = core.plot(result, tmp_path)
-  assert png.stat().st_size > 0
+  assert core.plot(result, tmp_path) == [tmp_path / "core.png"]
+  check_figures(figures, ["core.png"])
 
 
-def test_accuracy_run_tiny(monkeypatch, tmp_path):
+def test_accuracy_run_tiny(monkeypatch, tmp_path, figures):
   monkeypatch.setattr(accuracy, "SIZES", {True: (1, 24, 2)})
   result = accuracy.run(quick=True)
   curves = result["float32"]
@@ -97,6 +98,7 @@ def test_accuracy_run_tiny(monkeypatch, tmp_path):
   assert curves["core"][2]["gauss 1"]["max"] < curves["seed Newton"][2]["gauss 1"]["max"]
   assert "float32" in accuracy.markdown(result)
   accuracy.plot(result, tmp_path)
+  check_figures(figures, ["accuracy.png"])
 
 
 def test_accuracy_families_are_random_and_nonconstant():
@@ -108,16 +110,17 @@ def test_accuracy_families_are_random_and_nonconstant():
     accuracy.family_logits("cauchy", rng, 1, 4)
 
 
-def test_scaling_run_tiny(monkeypatch, tmp_path):
+def test_scaling_run_tiny(monkeypatch, tmp_path, figures):
   monkeypatch.setattr(scaling, "SIZES", {True: (64, (16,), ())})
   result = scaling.run(quick=True)
   assert [(r["batch"], r["n"]) for r in result["by_length"]] == [(4, 16)] and not result["by_batch"]
   assert result["by_length"][0]["ratio_forward"] > 0 and result["by_length"][0]["ratio_grad"] > 0
   assert "row length sweep" in scaling.markdown(result)
   scaling.plot(result, tmp_path)
+  check_figures(figures, ["scaling.png"])
 
 
-def test_peers_run_tiny(monkeypatch, tmp_path):
+def test_peers_run_tiny(monkeypatch, tmp_path, figures):
   monkeypatch.setattr(peers, "SHAPES", {True: (4, 32)})
   # optimistix and the unrolled reference are exercised by test_core_run_tiny; cheap stand-ins
   # here keep this test to the peers' own code (bisection, brentq, tables, plot).
@@ -130,15 +133,17 @@ def test_peers_run_tiny(monkeypatch, tmp_path):
   assert result["error"]["bisection (t-SNE)"] <= 2 * result["tolerance"]
   assert "Peers" in peers.markdown(result)
   peers.plot(result, tmp_path)
+  check_figures(figures, ["peers.png"])
 
 
-def test_memory_measure_and_render(tmp_path):
+def test_memory_measure_and_render(tmp_path, figures):
   row = memory.measure_here("implicit", 2, (4, 64))
   assert row["xla_temp_bytes"] > 0 and row["peak_bytes"] >= 0
   result = {"name": "memory", "shape": [4, 64], "input_bytes": 1024, "rows": [row]}
   result["rows"].append(dict(row, method="unrolled"))
   assert "unrolled peak" in memory.markdown(result)
   memory.plot(result, tmp_path)
+  check_figures(figures, ["memory.png"])
   with pytest.raises(ValueError, match="method"):
     memory.measure_here("adjoint", 1, (2, 8))
 
@@ -165,12 +170,32 @@ def test_suite_runner_writes_the_results_folder(monkeypatch, tmp_path):
 
   monkeypatch.setattr(suite, "load_modules", lambda only=None: {"fake": Fake, "broken": Broken})
   result = suite.run_suite(True, tmp_path, None)
-  saved = json.loads((tmp_path / "results.json").read_text())
+  saved = json.loads((tmp_path / "run.json").read_text())
   assert saved["modules"]["fake"]["ratio"] == 1.5 and "boom" in saved["failed"]["broken"]
-  text = (tmp_path / "results.md").read_text()
+  text = (tmp_path / "run.md").read_text()
   assert "## fake" in text and "FAILED" in text
+  # Each module's files as its own command writes them (one rule for where results go).
+  assert json.loads((tmp_path / "fake.json").read_text())["ratio"] == 1.5
+  assert "## fake" in (tmp_path / "fake.md").read_text()
   assert set(result["wall_s"]) == {"fake", "broken"}
   assert result["plots"] == ["fake.png"] and (tmp_path / "fake.png").exists()
+
+
+def test_results_go_to_one_place(tmp_path):
+  assert common.out_dir(None, quick=False) == common.RESULTS_DIR
+  assert common.out_dir(None, quick=True) == common.QUICK_DIR != common.RESULTS_DIR
+  assert common.out_dir(tmp_path, quick=True) == tmp_path == common.out_dir(tmp_path, quick=False)
+  # --plot-only redraws from the saved JSON and runs nothing.
+  drawn = []
+
+  def plot(result, path):
+    drawn.append(result)
+    path.write_bytes(b"png")
+
+  common.save_json({"ratio": 1.5}, tmp_path / "fake.json")
+  never = lambda quick: pytest.fail("--plot-only ran the benchmark")
+  common.module_main("fake", "Fake.", never, str, plot, ["--out", str(tmp_path), "--plot-only"])
+  assert drawn == [{"ratio": 1.5}] and (tmp_path / "fake.png").exists()
 
 
 def test_suite_knows_its_modules():
@@ -180,7 +205,7 @@ def test_suite_knows_its_modules():
     suite.load_modules(["nope"])
 
 
-def test_model_compile_run_tiny(monkeypatch, tmp_path):
+def test_model_compile_run_tiny(monkeypatch, tmp_path, figures):
   from benchmarks import model_compile
 
   # One layer, scanned only (nn.scan over the block is the path most likely to break), no
@@ -202,5 +227,5 @@ def test_model_compile_run_tiny(monkeypatch, tmp_path):
     assert 0 < row[f"ratio/{key}"] < float("inf"), key
   json.dumps(result)
   assert "compile ratio" in model_compile.markdown(result)
-  (png,) = model_compile.plot(result, tmp_path)
-  assert png.stat().st_size > 0
+  assert model_compile.plot(result, tmp_path) == [tmp_path / "model_compile.png"]
+  check_figures(figures, ["model_compile.png"])

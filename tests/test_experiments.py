@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import check_figures
 
 # The benchmarks package lives at the repository root, next to tests/.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
@@ -130,7 +131,7 @@ def test_reference_levels_are_the_octave_ending_at_the_trained_length():
   np.testing.assert_array_equal(levels, head_entropy[:, :, 2])  # rows [4, 8): n_valid 5..8
 
 
-def test_extrapolation_run_tiny(monkeypatch, tmp_path):
+def test_extrapolation_run_tiny(monkeypatch, tmp_path, figures):
   monkeypatch.setitem(extrapolation.SIZES, True, dict(TINY_EXTRAPOLATION))
   # A plain, a learned-scale and a measured variant, and one training-free variant (each compiles
   # its model once per arm); every variant's attention function is checked above, the learned
@@ -171,12 +172,11 @@ def test_extrapolation_run_tiny(monkeypatch, tmp_path):
   assert set(result["control"]["summary"]) == {"standard", "hold_eval"}
   text = extrapolation.markdown(result)
   assert "[0,8)" in text and "Control arm" in text and "±" in text and "(0/2)" in text
-  png = tmp_path / "extrapolation.png"
-  extrapolation.plot(result, png)
-  assert png.stat().st_size > 0
+  extrapolation.plot(result, tmp_path / "extrapolation.png")
+  check_figures(figures, ["extrapolation.png"])
 
 
-def test_attention_collapse_run_tiny(monkeypatch, tmp_path):
+def test_attention_collapse_run_tiny(monkeypatch, tmp_path, figures):
   tiny = dict(steps=4, batch=2, length=8, layers=1, eval_every=2, seeds=2)
   monkeypatch.setitem(attention_collapse.SIZES, True, tiny)
   result = attention_collapse.run(quick=True)
@@ -195,6 +195,5 @@ def test_attention_collapse_run_tiny(monkeypatch, tmp_path):
     assert touched.shape == (1,) and np.all((touched >= 0) & (touched <= 1))
   text = attention_collapse.markdown(result)
   assert "±" in text and "seed spread" in text
-  png = tmp_path / "attention_collapse.png"
-  attention_collapse.plot(result, png)
-  assert png.stat().st_size > 0
+  attention_collapse.plot(result, tmp_path / "attention_collapse.png")
+  check_figures(figures, ["attention_collapse.png"])

@@ -11,7 +11,7 @@ import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import float64, float64_arrays, tolerance
+from conftest import check_figures, float64, float64_arrays, tolerance
 
 import entnorm_jax as en
 from entnorm_jax import attention as ena
@@ -256,7 +256,7 @@ def test_static_misuse_raises(kwargs, match):
     ena.entropy_attention(q, kv, kv, target_entropy=0.5)
 
 
-def test_benchmark_runs_tiny():
+def test_benchmark_runs_tiny(tmp_path, figures):
   """The CPU benchmark's pieces run end to end at a toy size (so the module cannot go stale)."""
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # the repository root
   from benchmarks import long_attention as bench
@@ -276,6 +276,8 @@ def test_benchmark_runs_tiny():
     "notes": "tiny",
   }  # fmt: skip
   assert "| blockwise | 64 |" in bench.markdown(result)
+  assert bench.plot(result, tmp_path) == tmp_path / "long_attention.png"
+  check_figures(figures, ["long_attention.png"])
 
 
 @pytest.mark.parametrize("implementation", ["xla", "blockwise", "pallas"])

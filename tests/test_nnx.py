@@ -12,17 +12,13 @@ import pytest
 from conftest import float64, tolerance
 from flax import nnx
 from flax.nnx.nn.attention import dot_product_attention_weights
+from references import entropy64
 
 from entnorm_jax import nnx as ennx
 from entnorm_jax._src.targets import KEYWORDS
 
 B, L, F, H = 2, 6, 16, 4
 TARGETS = (0.2, 0.45, 0.6, 0.85)
-
-
-def row_entropy(weights) -> np.ndarray:
-  w = np.asarray(weights, np.float64)
-  return -np.sum(np.where(w > 0, w * np.log(np.where(w > 0, w, 1.0)), 0.0), axis=-1)
 
 
 def natural_attention(query, key, value, mask=None, is_causal=False, **kwargs):
@@ -87,7 +83,7 @@ def test_grouped_query_heads_causal_padding_rows_hit_targets(x):
   n_valid = valid.sum(-1)
   want = np.asarray(TARGETS)[None, :, None] * np.log(np.maximum(n_valid, 1))
   seen = n_valid > 0
-  np.testing.assert_allclose(row_entropy(weights)[seen], want[seen], atol=tolerance(jnp.float32))
+  np.testing.assert_allclose(entropy64(weights)[seen], want[seen], atol=tolerance(jnp.float32))
   np.testing.assert_array_equal(np.asarray(weights)[~valid], 0.0)
 
 
@@ -173,6 +169,21 @@ def test_works_as_the_attention_fn_of_flax_nnx_module(x):
   nnx.update(ours, nnx.state(flax_mha, nnx.Param))
   call = nnx.jit(lambda m, x: m(x, is_causal=True))  # Flax passes is_causal unfiltered
   np.testing.assert_allclose(call(flax_mha, x), call(ours, x), atol=1e-6)
+
+
+def test_takes_the_attention_fns_of_flax_nnx_module(x):
+  """NNX's keywords go to ``attention_fn`` unfiltered, as Flax's module passes them; the target
+  keywords, ``num_iters`` and ``implementation`` only where its signature takes them (as in Linen),
+  so Flax's own function works: the module is then plain attention."""
+  kwargs = dict(attention_fn=nnx.dot_product_attention, decode=False, rngs=nnx.Rngs(0))
+  flax_mha = nnx.MultiHeadAttention(H, F, **kwargs)
+  ours = ennx.EntropyMultiHeadAttention(H, F, **kwargs)
+  nnx.update(ours, nnx.state(flax_mha, nnx.Param))
+  call = nnx.jit(lambda m, x: m(x, is_causal=True))
+  np.testing.assert_allclose(call(ours, x), call(flax_mha, x), atol=1e-6)
+  sowing = ennx.EntropyMultiHeadAttention(H, F, sow_entropies=True, **kwargs)
+  with pytest.raises(ValueError, match="sow_entropies"):
+    sowing(x)
 
 
 @pytest.mark.parametrize(

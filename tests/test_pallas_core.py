@@ -74,7 +74,7 @@ def _outputs(implementation: str, bfloat16: bool = True):
 
 @pytest.fixture(scope="module")
 def results():
-  """Both implementations on the battery, in nats and relative (one compile each)."""
+  """Both implementations on the battery, in nats and relative (one compile per implementation)."""
   rng = np.random.default_rng(7)
   x, where, target = _battery(rng)
   weights = rng.normal(size=x.shape).astype(np.float32)
@@ -85,8 +85,9 @@ def results():
     _small_blocks(patch)
     for impl in ("pallas", "xla"):
       run = _outputs(impl)
-      for relative, t in ((False, target), (True, fraction)):
-        out[impl, relative] = jax.device_get(run(x, where, t, relative, weights))
+      both = jax.jit(lambda t, f, run=run: [run(x, where, t, False, weights),
+                                            run(x, where, f, True, weights)])  # fmt: skip
+      out[impl, False], out[impl, True] = jax.device_get(both(target, fraction))
   return out
 
 
@@ -149,6 +150,15 @@ def test_tpu_block_rows():
     assert t <= -(-rows // 8) * 8
 
 
+# With the convergence report: its two per-row outputs travel through the kernel too.
+_BLOCK_SOLVE = functools.partial(normalize._solve_block, num_iters=None, info=True)
+_TPU_SOLVE = functools.partial(
+  pallas_core.solve_in_kernel, _BLOCK_SOLVE, interpret=True, tpu=True, info=True
+)
+# One compile of each for both parametrizations (``relative`` is an array argument).
+_TPU_SOLVE_JIT, _BLOCK_SOLVE_JIT = jax.jit(_TPU_SOLVE), jax.jit(_BLOCK_SOLVE)
+
+
 @pytest.mark.parametrize("relative", [False, True])
 def test_tpu_layout_matches_xla(relative):
   """The kernel's TPU layout (8-row blocks here, rows padded to 128, per-row values as [rows, 1]
@@ -156,15 +166,12 @@ def test_tpu_layout_matches_xla(relative):
   x, where, target = _battery(np.random.default_rng(10))
   if relative:
     target = np.clip(target / np.log(_N), 0.0, 1.0).astype(np.float32)
-  # With the convergence report: its two per-row outputs travel through the kernel too.
-  block = functools.partial(normalize._solve_block, num_iters=None, info=True)
   args = (x, where, target, jnp.asarray(relative))
   with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(pallas_core, "TPU_MAX_ROWS", 8)
-    tpu = functools.partial(pallas_core.solve_rows, block, interpret=True, tpu=True, info=True)
-    assert "grid=(3,)" in str(jax.make_jaxpr(tpu)(*args))  # 23 rows in blocks of 8
-    got = jax.device_get(jax.jit(tpu)(*args))
-  want = jax.device_get(jax.jit(block)(*args))
+    patch.setattr(pallas_core, "TPU_MAX_ROWS", 8)  # read when the kernel is traced
+    assert "grid=(3,)" in str(jax.make_jaxpr(_TPU_SOLVE)(*args))  # 23 rows in blocks of 8
+    got = jax.device_get(_TPU_SOLVE_JIT(*args))
+  want = jax.device_get(_BLOCK_SOLVE_JIT(*args))
   assert len(got) == 5 and np.all(got[3] == 1)  # every row of the battery converged
   for a, b in zip(got, want, strict=True):
     assert a.shape == b.shape and a.dtype == b.dtype

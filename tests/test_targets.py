@@ -11,10 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import float64
+from conftest import check_grads_each, float64
 from flax import linen as nn
 from flax import nnx
-from jax.test_util import check_grads
 
 import entnorm_jax as en
 from entnorm_jax import attention as ena
@@ -113,11 +112,15 @@ def test_target_shapes_get_our_message(shape):
 def test_nan_target_gives_nan_rows():
   x = _rows()
   target = jnp.full(6, 1.0).at[2].set(jnp.nan)
-  for kw in ("target_entropy", "target_fraction", "min_entropy", "max_fraction"):
-    for impl in ("tiled", "xla", "pallas"):
-      q = np.asarray(en.entropy_softmax(x, implementation=impl, **{kw: target * 0.5}))
+  units = ("target_entropy", "target_fraction", "min_entropy", "max_fraction")
+  # One program per implementation for every unit (one compile each, not one per unit).
+  every_unit = lambda f, **kw: jax.jit(lambda x, t: {u: f(x, **kw, **{u: t}) for u in units})
+  for impl in ("tiled", "xla", "pallas"):
+    for kw, q in every_unit(en.entropy_softmax, implementation=impl)(x, target * 0.5).items():
+      q = np.asarray(q)
       assert np.all(np.isnan(q[2])) and np.all(np.isfinite(np.delete(q, 2, axis=0))), (kw, impl)
-    assert np.isnan(en.solve_gamma(x, **{kw: target * 0.5})[2])
+  for kw, gamma in every_unit(en.solve_gamma)(x, target * 0.5).items():
+    assert np.isnan(gamma[2]), kw
   q, k, v = _qkv()
   per_row = jnp.full((2, 2, 9), 0.5).at[0, 1, 3].set(jnp.nan)
   for impl in ("xla", "blockwise"):
@@ -194,24 +197,29 @@ def test_bounds_inside_have_softmax_gradient():
   assert np.all(lo_hi == 0)
 
 
-@pytest.mark.parametrize(
-  "bounds",
-  [
-    dict(min_entropy=1.0, max_entropy=2.0),  # every kind of row
-    dict(min_entropy=1.0),
-    dict(max_entropy=2.0),
-    dict(min_fraction=0.4, max_fraction=0.8),
-    dict(min_fraction=0.4, max_entropy=2.0),
-  ],
-)
-def test_bounds_check_grads(bounds):
+BOUNDS = [
+  dict(min_entropy=1.0, max_entropy=2.0),  # every kind of row
+  dict(min_entropy=1.0),
+  dict(max_entropy=2.0),
+  dict(min_fraction=0.4, max_fraction=0.8),
+  dict(min_fraction=0.4, max_entropy=2.0),
+]
+
+
+def test_bounds_check_grads():
+  # Every combination of bounds in one program (check_grads_each names the ones that fail): the
+  # derivatives with respect to the logits and to each bound, to second order.
   with float64():
     x = _bound_rows().astype(jnp.float64)
     mask = jnp.arange(12)[None, :] < jnp.array([12, 12, 9, 12, 7, 12])[:, None]
-    names = list(bounds)
-    f = jax.jit(lambda x, b: en.entropy_softmax(x, where=mask, **dict(zip(names, b, strict=True))))
-    values = tuple(jnp.asarray(v, jnp.float64) for v in bounds.values())
-    check_grads(f, (x, values), order=2, modes=("fwd", "rev"), atol=1e-5, rtol=1e-5)
+
+    def bounded(i):
+      names = list(BOUNDS[i])
+      return lambda x, *b: en.entropy_softmax(x, where=mask, **dict(zip(names, b[i], strict=True)))
+
+    values = [tuple(jnp.asarray(v, jnp.float64) for v in b.values()) for b in BOUNDS]
+    functions = {str(bounds): bounded(i) for i, bounds in enumerate(BOUNDS)}
+    check_grads_each(functions, (x, *values), order=2, modes=("fwd", "rev"), atol=1e-5, rtol=1e-5)
 
 
 def test_attention_bounds_match_dense_and_have_its_gradients():

@@ -24,30 +24,19 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from entnorm_jax._src.functions import entropy_softmax
-
-__all__ = ["joint_affinities", "perplexity_affinities"]
-
-
-def _concrete(x) -> np.ndarray | None:
-  """The value of ``x`` as NumPy float64, or ``None`` under a trace (checked outside jit only)."""
-  if isinstance(x, jax.core.Tracer):
-    return None
-  return np.asarray(x, dtype=np.float64)
+from entnorm_jax._src.inputs import broadcasts, check_where, compute_dtype, concrete
 
 
 def _check_perplexity(perplexity, shape: tuple[int, ...]) -> None:
   """Static checks: ``perplexity`` broadcasts to the rows and (when concrete) lies in (1, k]."""
   batch, k = shape[:-1], shape[-1]
   p_shape = np.shape(perplexity)
-  try:
-    if np.broadcast_shapes(p_shape, batch) != tuple(batch):
-      raise ValueError
-  except ValueError:
+  if not broadcasts(p_shape, batch):
     raise ValueError(
       f"perplexity of shape {p_shape} does not broadcast to the {tuple(batch)} rows of "
       f"sq_distances of shape {shape}"
-    ) from None
-  v = _concrete(perplexity)
+    )
+  v = concrete(perplexity)
   if v is not None and np.any(~((v > 1.0) & (v <= k))):
     bad = v[~((v > 1.0) & (v <= k))] if v.ndim else v
     raise ValueError(
@@ -59,7 +48,7 @@ def _check_perplexity(perplexity, shape: tuple[int, ...]) -> None:
 @functools.partial(jax.jit, static_argnames=("num_iters", "implementation"))
 def _perplexity_affinities(sq_distances, perplexity, where, *, num_iters, implementation):
   logits = -jnp.asarray(sq_distances)
-  target = jnp.log(jnp.asarray(perplexity, jnp.result_type(logits.dtype, jnp.float32)))
+  target = jnp.log(jnp.asarray(perplexity, compute_dtype(logits.dtype)))
   return entropy_softmax(
     logits, target, -1, where, num_iters=num_iters, implementation=implementation
   )
@@ -137,14 +126,7 @@ def perplexity_affinities(
   shape = np.shape(sq_distances)
   if len(shape) < 1:
     raise ValueError(f"sq_distances must have a neighbour axis [..., k], got shape {shape}")
-  if where is not None:
-    try:
-      if np.broadcast_shapes(np.shape(where), shape) != tuple(shape):
-        raise ValueError
-    except ValueError:
-      raise ValueError(
-        f"where of shape {np.shape(where)} does not broadcast to sq_distances of shape {shape}"
-      ) from None
+  check_where(where, shape, "sq_distances")
   _check_perplexity(perplexity, shape)
   return _perplexity_affinities(
     sq_distances, perplexity, where, num_iters=num_iters, implementation=implementation
@@ -228,12 +210,5 @@ def joint_affinities(
     raise ValueError(f"neighbors of shape {n_shape} must have the shape of conditional, {c_shape}")
   if not jnp.issubdtype(jnp.result_type(neighbors), jnp.integer):
     raise TypeError(f"neighbors must be integer indices, got dtype {jnp.result_type(neighbors)}")
-  if where is not None:
-    try:
-      if np.broadcast_shapes(np.shape(where), c_shape) != tuple(c_shape):
-        raise ValueError
-    except ValueError:
-      raise ValueError(
-        f"where of shape {np.shape(where)} does not broadcast to conditional of shape {c_shape}"
-      ) from None
+  check_where(where, c_shape, "conditional")
   return _joint(conditional, neighbors, where, dense=bool(dense))

@@ -23,36 +23,29 @@ from jax.typing import ArrayLike
 from entnorm_jax._src import pallas_attention, targets
 from entnorm_jax._src.blockwise_attention import (
   BLOCKWISE,
-  Config,
+  AttentionConfig,
   Engine,
-  Rows,
+  RowResiduals,
   attention_vjp,
-  compute_dtype,
 )
 from entnorm_jax._src.dense_attention import dense_attention
+from entnorm_jax._src.inputs import broadcasts, check_num_iters, check_qkv, compute_dtype
 from entnorm_jax._src.pallas_attention import PALLAS, pallas_block_size
 from entnorm_jax._src.targets import Spec
-
-__all__ = ["context_parallel_attention", "entropy_attention"]
 
 _IMPLEMENTATIONS = ("xla", "blockwise", "pallas")
 _BLOCKWISE_BLOCKS = (256, 256)
 
 
 def _check_qkv(q, k, v):
-  if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+  """:func:`entnorm_jax._src.inputs.check_qkv` for ``[batch, seq, heads, dim]`` inputs whose
+  values have the depth of the queries."""
+  if q.ndim != 4 or v.shape[-1:] != q.shape[-1:]:
     raise ValueError(
-      f"q, k, v must be [batch, seq, heads, dim]; got shapes {q.shape}, {k.shape}, {v.shape}"
+      f"q, k, v must be [batch, seq, heads, dim], v with the dim of q; got shapes {q.shape}, "
+      f"{k.shape}, {v.shape}"
     )
-  if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
-    raise ValueError(
-      f"k and v must have the same shape, and batch and dim must match q; got q {q.shape}, "
-      f"k {k.shape}, v {v.shape}"
-    )
-  if q.shape[2] % k.shape[2]:
-    raise ValueError(
-      f"query heads ({q.shape[2]}) must be a multiple of key/value heads ({k.shape[2]})"
-    )
+  check_qkv(q, k, v)
 
 
 def _mask4(mask, full):
@@ -60,26 +53,9 @@ def _mask4(mask, full):
   mask = jnp.asarray(mask)
   if mask.ndim > 4 or mask.dtype != jnp.bool_:
     raise ValueError(f"mask must be boolean with at most 4 axes, got {mask.dtype}{mask.shape}")
-  shape = (1,) * (4 - mask.ndim) + mask.shape
-  if any(m not in (1, f) for m, f in zip(shape, full, strict=True)):
+  if not broadcasts(mask.shape, full):
     raise ValueError(f"mask of shape {mask.shape} does not broadcast to {full}")
-  return mask.reshape(shape)
-
-
-def _targets(target, spec: Spec, batch: int, heads: int, q_len: int, dtype):
-  """Targets as ``[batch, heads, q_len]`` (``[..., 2]`` for bounds): each a scalar, ``[heads]``,
-  or broadcastable to that."""
-  return targets.per_row(target, spec, (batch, heads, q_len), dtype, heads=heads)
-
-
-def _target_spec(where: str, removed: dict, **keywords) -> tuple[object, Spec]:
-  targets.reject_removed(removed, where)
-  return targets.parse(where, **keywords)
-
-
-def _relative(spec: Spec) -> bool | tuple[bool, bool]:
-  """The blockwise engines' static unit flag(s)."""
-  return spec.fraction if spec.bounded else spec.fraction[0]
+  return mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
 
 
 def _valid_positions(lengths, batch: int, size: int, name: str):
@@ -99,11 +75,11 @@ def _prepare(q, k, v, target, spec, mask, scale, num_iters, q_lengths, kv_length
   _check_qkv(q, k, v)
   batch, q_len, heads, dim = q.shape
   kv_len = k.shape[1]
-  dtype = compute_dtype(q.dtype)
   scale = 1.0 / math.sqrt(dim) if scale is None else float(scale)
-  if num_iters is not None and operator.index(num_iters) < 0:
-    raise ValueError(f"num_iters must be >= 0 or None, got {num_iters}")
-  target = _targets(target, spec, batch, heads, q_len, dtype)
+  check_num_iters(num_iters)
+  # each a scalar, [heads], or broadcastable to [batch, heads, q_len] ([..., 2] for bounds)
+  dtype = compute_dtype(q.dtype)
+  target = targets.per_row(target, spec, (batch, heads, q_len), dtype, heads=heads)
   if mask is not None:
     mask = _mask4(mask, (batch, heads, q_len, kv_len))
   q_ok = _valid_positions(q_lengths, batch, q_len, "query_seq_lengths")
@@ -131,20 +107,24 @@ def _block_size(value, default: int, length: int, implementation: str, name: str
   return min(size, length)
 
 
-@functools.partial(
-  jax.jit,
-  static_argnames=(
-    "spec",
-    "is_causal",
-    "scale",
-    "implementation",
-    "block_q",
-    "block_k",
-    "interpret",
-    "num_iters",
-    "precision",
-  ),
-)
+def _config(spec: Spec, lengths, implementation: str, defaults, *, block_q, block_k, **settings):
+  """The engines' static :class:`AttentionConfig`: the unit flag(s) of ``spec`` (one, or a (floor,
+  ceiling) pair for bounds), the block sizes checked and fitted to ``lengths`` (``(q_len,
+  kv_len)``; ``defaults`` where ``None``), and the other ``settings`` as given."""
+  (q_len, kv_len), (default_q, default_k) = lengths, defaults
+  return AttentionConfig(
+    relative=spec.fraction if spec.bounded else spec.fraction[0],
+    block_q=_block_size(block_q, default_q, q_len, implementation, "block_q"),
+    block_k=_block_size(block_k, default_k, kv_len, implementation, "block_k"),
+    **settings,
+  )
+
+
+# The statics both entry points share (shape and settings of the computation).
+_STATIC = ("spec", "is_causal", "scale", "block_q", "block_k", "num_iters", "precision")
+
+
+@functools.partial(jax.jit, static_argnames=(*_STATIC, "implementation", "interpret"))
 def _entropy_attention(
   q, k, v, target, *, spec, mask, is_causal, scale, implementation, block_q, block_k, interpret,
   num_iters, query_seq_lengths, key_value_seq_lengths, precision,
@@ -169,18 +149,11 @@ def _entropy_attention(
       implementation = "blockwise"
     else:
       default_q, default_k, warps, stages = shape
-  cfg = Config(
-    is_causal=is_causal,
-    scale=scale,
-    relative=_relative(spec),
-    num_iters=num_iters,
-    block_q=_block_size(block_q, default_q, q_len, implementation, "block_q"),
-    block_k=_block_size(block_k, default_k, kv_len, implementation, "block_k"),
-    interpret=None if interpret is None else bool(interpret),
-    precision=precision,
-    num_warps=warps,
-    num_stages=stages,
-  )
+  cfg = _config(
+    spec, (q_len, kv_len), implementation, (default_q, default_k), block_q=block_q,
+    block_k=block_k, is_causal=is_causal, scale=scale, num_iters=num_iters, precision=precision,
+    interpret=None if interpret is None else bool(interpret), num_warps=warps, num_stages=stages,
+  )  # fmt: skip
   engine = BLOCKWISE if implementation == "blockwise" else PALLAS
   return attention_vjp(engine, cfg, q, k, v, target, q_ok, k_ok, mask)
 
@@ -284,10 +257,10 @@ def entropy_attention(
     >>> o.shape
     (1, 40, 2, 8)
   """
-  target, spec = _target_spec(
-    "entropy_attention", removed, target_entropy=target_entropy, target_fraction=target_fraction,
-    min_entropy=min_entropy, max_entropy=max_entropy, min_fraction=min_fraction,
-    max_fraction=max_fraction,
+  target, spec = targets.parse(
+    "entropy_attention", removed=removed, target_entropy=target_entropy,
+    target_fraction=target_fraction, min_entropy=min_entropy, max_entropy=max_entropy,
+    min_fraction=min_fraction, max_fraction=max_fraction,
   )  # fmt: skip
   return _entropy_attention(
     q, k, v, target, spec=spec, mask=mask, is_causal=is_causal, scale=scale,
@@ -331,7 +304,7 @@ def _sharded_engine(mesh: Mesh, axis_name: str, mask_sharded: bool | None) -> En
     body = lambda q, k, v, t, qo, ko, *m: BLOCKWISE.forward(
       cfg, q, k, v, t, qo, ko, *(m or (None,))
     )
-    out_specs = (rep, rep, Rows(*(rep for _ in Rows._fields)))
+    out_specs = (rep, rep, RowResiduals(*(rep for _ in RowResiduals._fields)))
     in_specs = (rep, seq, seq, rep, rep, seq, *mask_spec)
     return _shard_map(body, mesh, in_specs, out_specs)(q, k, v, target, q_ok, k_ok, *masks)
 
@@ -341,7 +314,7 @@ def _sharded_engine(mesh: Mesh, axis_name: str, mask_sharded: bool | None) -> En
     def body(q, k, v, qo, ko, rows, coef, delta, d_out, *m):
       return BLOCKWISE.backward(cfg, q, k, v, qo, ko, *(m or (None,)), rows, coef, delta, d_out)
 
-    rows_spec = Rows(*(rep for _ in Rows._fields))
+    rows_spec = RowResiduals(*(rep for _ in RowResiduals._fields))
     in_specs = (rep, seq, seq, rep, seq, rows_spec, rep, rep, rep, *mask_spec)
     run = _shard_map(body, mesh, in_specs, (rep, seq, seq))
     return run(q, k, v, q_ok, k_ok, rows, coef, delta, d_out, *masks)
@@ -349,20 +322,7 @@ def _sharded_engine(mesh: Mesh, axis_name: str, mask_sharded: bool | None) -> En
   return Engine(forward, backward)
 
 
-@functools.partial(
-  jax.jit,
-  static_argnames=(
-    "mesh",
-    "axis_name",
-    "spec",
-    "is_causal",
-    "scale",
-    "block_q",
-    "block_k",
-    "num_iters",
-    "precision",
-  ),
-)
+@functools.partial(jax.jit, static_argnames=(*_STATIC, "mesh", "axis_name"))
 def _context_parallel_attention(
   q, k, v, target, *, mesh, axis_name, spec, mask, is_causal, scale, block_q, block_k,
   num_iters, query_seq_lengths, key_value_seq_lengths, precision,
@@ -376,17 +336,11 @@ def _context_parallel_attention(
   shards = mesh.shape[axis_name]
   if kv_len % shards:
     raise ValueError(f"kv_len {kv_len} is not a multiple of the {shards} devices of {axis_name!r}")
-  default_q, default_k = _BLOCKWISE_BLOCKS
-  cfg = Config(
-    is_causal=is_causal,
-    scale=scale,
-    relative=_relative(spec),
-    num_iters=num_iters,
-    block_q=_block_size(block_q, default_q, q_len, "blockwise", "block_q"),
-    block_k=_block_size(block_k, default_k, kv_len // shards, "blockwise", "block_k"),
-    axis_name=axis_name,
-    precision=_precision(precision),
-  )
+  cfg = _config(
+    spec, (q_len, kv_len // shards), "blockwise", _BLOCKWISE_BLOCKS, block_q=block_q,
+    block_k=block_k, is_causal=is_causal, scale=scale, num_iters=num_iters,
+    precision=_precision(precision), axis_name=axis_name,
+  )  # fmt: skip
   mask_sharded = None if mask is None else mask.shape[3] > 1
   engine = _sharded_engine(mesh, axis_name, mask_sharded)
   return attention_vjp(engine, cfg, q, k, v, target, q_ok, k_ok, mask)
@@ -450,8 +404,8 @@ def context_parallel_attention(
     ValueError: as :func:`entropy_attention`, and for an axis the mesh lacks or a sequence that
       the axis does not divide.
   """
-  target, spec = _target_spec(
-    "context_parallel_attention", removed, target_entropy=target_entropy,
+  target, spec = targets.parse(
+    "context_parallel_attention", removed=removed, target_entropy=target_entropy,
     target_fraction=target_fraction, min_entropy=min_entropy, max_entropy=max_entropy,
     min_fraction=min_fraction, max_fraction=max_fraction,
   )  # fmt: skip

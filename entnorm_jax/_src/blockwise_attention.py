@@ -12,7 +12,7 @@ blocks at a fixed shift (the row maximum, found in the first pass):
    maximum, gap below it, plain mean and variance merged with Chan's formula);
 2. per solver evaluation one pass accumulating ``S_k = Σ e_j y_j^k`` (k = 0..3, ``e = exp(γ d)``,
    ``d = s - max s``, ``y = d - c``) exactly as :func:`entnorm_jax._src.moments.evaluate` does
-   for a whole row, driven by the core's :func:`entnorm_jax._src.solver.solve`;
+   for a whole row, driven by the core's :func:`entnorm_jax._src.iteration.solve`;
 3. a final pass accumulating ``o``, the mean ``m`` and variance ``V`` of ``d`` under P, and
    ``w = Σ_j P_j (d_j - m) v_j``.
 
@@ -34,13 +34,17 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from entnorm_jax._src.attention_common import block_valid, int_div, inverse_denominator, pad_axis
+from entnorm_jax._src.backends import shift_to_max
+from entnorm_jax._src.bounds import entropy_bounds, goal
+from entnorm_jax._src.first_guess import start
+from entnorm_jax._src.inputs import compute_dtype
+from entnorm_jax._src.iteration import solve
 from entnorm_jax._src.moments import Moments, RowStats, moments_from_sums
-from entnorm_jax._src.solver import entropy_bounds, goal, solve, start
 
 
-class Config(NamedTuple):
+class AttentionConfig(NamedTuple):
   """Static settings of one attention call (hashable: used as a jit/custom_vjp static)."""
 
   is_causal: bool
@@ -63,7 +67,7 @@ class Config(NamedTuple):
   num_stages: int = 2
 
 
-class Rows(NamedTuple):
+class RowResiduals(NamedTuple):
   """Per-query-row results of the forward pass, each ``[batch, heads, q_len]``.
 
   Attributes:
@@ -72,7 +76,7 @@ class Rows(NamedTuple):
     denom: ``l = Σ_j exp(γ* d_j)``, the softmax denominator at the fixed shift.
     mean: ``m = E_P[d]``.
     var: ``V = Var_P[d]``.
-    free: int32, which target γ* moves with (:attr:`entnorm_jax._src.solver.Goal.which`): 1 the
+    free: int32, which target γ* moves with (:attr:`entnorm_jax._src.bounds.Goal.which`): 1 the
       exact target or the floor, 2 the ceiling, 0 none (a row inside its bounds, a target clamped
       to an edge, a NaN target).
     log_n: log of the number of valid keys (the scale of a relative target).
@@ -85,29 +89,6 @@ class Rows(NamedTuple):
   var: jax.Array
   free: jax.Array
   log_n: jax.Array
-
-
-def compute_dtype(dtype) -> np.dtype:
-  """float32 statistics for 16-bit and float32 inputs, float64 for float64."""
-  return np.dtype(jnp.promote_types(dtype, jnp.float32))
-
-
-def block_valid(q_pos, k_pos, q_ok, k_ok, mask, is_causal: bool) -> jax.Array:
-  """Validity of a ``[..., bq, bk]`` score block from row/column flags, a mask and causality.
-
-  Args:
-    q_pos: ``[bq]`` query positions; k_pos: ``[bk]`` key positions.
-    q_ok: ``[..., bq]`` valid query rows; k_ok: ``[..., bk]`` valid keys.
-    mask: ``None`` or a boolean block broadcastable to ``[..., bq, bk]``.
-    is_causal: keep only keys at or before the query position (top-left aligned, as in
-      ``jax.nn.dot_product_attention``).
-  """
-  valid = q_ok[..., :, None] & k_ok[..., None, :]
-  if is_causal:
-    valid = valid & (k_pos[None, :] <= q_pos[:, None])
-  if mask is not None:
-    valid = valid & mask
-  return valid
 
 
 # ----------------------------------------------------------------------------------------------
@@ -177,18 +158,18 @@ def moments_init(shape, dtype) -> MomentAcc:
   return MomentAcc(zeros, zeros, zeros, zeros)
 
 
-def _shifted(s, zmax):
-  # Exactly 0 at (or above, if a recomputed block rounds differently from pass 1) the maximum:
-  # the off-argmax mass is S_0 minus the number of ties.
-  top = zmax[..., None]
-  return jnp.where(s >= top, 0.0, s - top)
+def _weights(s, valid, zmax, gamma, center):
+  """``(e, y)`` of a block of scores: ``e = exp(γ d)`` and ``y = d - c`` (0 where not valid), with
+  ``d = s - max`` exactly 0 at (or above, if a recomputed block rounds differently from pass 1)
+  the maximum: the off-argmax mass is S_0 minus the number of ties."""
+  d = shift_to_max(s, zmax[..., None])
+  e = jnp.where(valid, jnp.exp(gamma[..., None] * d), 0.0)
+  return e, jnp.where(valid, d - center[..., None], 0.0)
 
 
 def moments_update(acc: MomentAcc, s, valid, zmax, gamma, center) -> MomentAcc:
   """Adds a block's ``S_k = Σ e y^k`` (``e = exp(γ d)``, ``y = d - c``) to the running sums."""
-  d = _shifted(s, zmax)
-  e = jnp.where(valid, jnp.exp(gamma[..., None] * d), 0.0)
-  y = jnp.where(valid, d - center[..., None], 0.0)
+  e, y = _weights(s, valid, zmax, gamma, center)
   ey = e * y
   return MomentAcc(
     acc.s0 + jnp.sum(e, axis=-1),
@@ -203,8 +184,8 @@ def moments_finalize(acc: MomentAcc, gamma, center, n_ties) -> Moments:
   return moments_from_sums(acc.s0, acc.s1, acc.s2, acc.s3, gamma, center, n_ties)
 
 
-def solve_rows(stats_pass: Callable, moments_pass: Callable, target, relative, num_iters):
-  """The core's solve (:func:`entnorm_jax._src.solver.solve`) driven by blockwise passes.
+def solve_attention_rows(stats_pass: Callable, moments_pass: Callable, target, relative, num_iters):
+  """The core's solve (:func:`entnorm_jax._src.iteration.solve`) driven by blockwise passes.
 
   Args:
     stats_pass: ``() -> (zmax, RowStats)``.
@@ -218,7 +199,7 @@ def solve_rows(stats_pass: Callable, moments_pass: Callable, target, relative, n
 
   Returns:
     ``(zmax, gamma, center, free, log_n)`` per row; ``center`` is the mean at γ, a good
-    centring point for the final pass; ``free`` as :attr:`Rows.free`.
+    centring point for the final pass; ``free`` as :attr:`RowResiduals.free`.
   """
   zmax, stats = stats_pass()
   target = jax.lax.stop_gradient(target)
@@ -264,9 +245,7 @@ def out_init(shape, dim, dtype) -> OutAcc:
 def out_update(acc: OutAcc, s, valid, zmax, gamma, center, pv: Callable) -> OutAcc:
   """Adds a block to the output sums; ``pv(weights)`` contracts ``[..., bq, bk]`` weights with
   the block's values into ``[..., bq, dim]``."""
-  d = _shifted(s, zmax)
-  p = jnp.where(valid, jnp.exp(gamma[..., None] * d), 0.0)
-  y = jnp.where(valid, d - center[..., None], 0.0)
+  p, y = _weights(s, valid, zmax, gamma, center)
   py = p * y
   return OutAcc(
     acc.denom + jnp.sum(p, axis=-1),
@@ -279,7 +258,7 @@ def out_update(acc: OutAcc, s, valid, zmax, gamma, center, pv: Callable) -> OutA
 
 def out_finalize(acc: OutAcc, center):
   """``(o, w, mean, var)``: output, ``w = Σ P (d - m) v``, and the mean/variance of d under P."""
-  inv = jnp.where(acc.denom > 0, 1.0 / jnp.where(acc.denom > 0, acc.denom, 1.0), 0.0)
+  inv = inverse_denominator(acc.denom)
   a1 = acc.s1 * inv
   out = acc.out * inv[..., None]
   cov = acc.cov * inv[..., None] - a1[..., None] * out
@@ -292,7 +271,7 @@ def grad_block(s, valid, zmax, gamma, inv_denom, mean, coef, delta, dp):
 
   ``dp = dO·v_j`` of the block, ``delta = dO·o`` and ``coef = dγ / V`` per row.
   """
-  d = _shifted(s, zmax)
+  d = shift_to_max(s, zmax[..., None])
   p = jnp.where(valid, jnp.exp(gamma[..., None] * d), 0.0) * inv_denom[..., None]
   du = p * (dp - delta[..., None])
   ds = gamma[..., None] * (du - coef[..., None] * p * (d - mean[..., None]))
@@ -305,7 +284,7 @@ def grad_block(s, valid, zmax, gamma, inv_denom, mean, coef, delta, dp):
 
 class Engine(NamedTuple):
   """``forward(cfg, q, k, v, target, q_ok, k_ok, mask) -> (o, w, Rows)`` (``o``, ``w`` as
-  ``[batch, q_len, heads, dim]`` in the compute dtype, Rows ``[batch, heads, q_len]``) and
+  ``[batch, q_len, heads, dim]`` in the compute dtype, RowResiduals ``[batch, heads, q_len]``) and
   ``backward(cfg, q, k, v, q_ok, k_ok, mask, rows, coef, delta, do) -> (dq, dk, dv)``."""
 
   forward: Callable
@@ -313,7 +292,7 @@ class Engine(NamedTuple):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def attention_vjp(engine: Engine, cfg: Config, q, k, v, target, q_ok, k_ok, mask):
+def attention_vjp(engine: Engine, cfg: AttentionConfig, q, k, v, target, q_ok, k_ok, mask):
   """Entropy-normalized attention with a flash-style backward pass (see the module docstring)."""
   out, _, _ = engine.forward(cfg, q, k, v, target, q_ok, k_ok, mask)
   return out.astype(q.dtype)
@@ -363,24 +342,7 @@ attention_vjp.defvjp(_attention_fwd, _attention_bwd)
 # The pure-JAX engine: lax.map over query blocks, fori_loop over key blocks.
 
 
-def pad_axis(x, axis: int, size: int, value=0):
-  """Pads ``x`` along ``axis`` to ``size`` (no-op for a broadcast axis of length 1)."""
-  if x.shape[axis] in (1, size):
-    return x
-  widths = [(0, 0)] * x.ndim
-  widths[axis] = (0, size - x.shape[axis])
-  return jnp.pad(x, widths, constant_values=value)
-
-
-def int_div(a, b):
-  """``a // b`` for non-negative integers in ``a``'s dtype (``b`` cast to it: under x64 a Python
-  int would be int64). ``lax.div``, not ``//``: the Triton lowering has no floor division on
-  program ids."""
-  a = jnp.asarray(a)
-  return jax.lax.div(a, jnp.asarray(b, a.dtype))
-
-
-def num_key_blocks(cfg: Config, q_start, n_k: int, k_offset=0):
+def num_key_blocks(cfg: AttentionConfig, q_start, n_k: int, k_offset=0):
   """Key blocks a query block starting at ``q_start`` sees (a traced count when causal), for keys
   whose positions start at ``k_offset`` (their shard's place in the sequence)."""
   if not cfg.is_causal:
@@ -389,17 +351,17 @@ def num_key_blocks(cfg: Config, q_start, n_k: int, k_offset=0):
   return jnp.clip(seen, 0, n_k)
 
 
-def key_offset(cfg: Config, kv_len: int):
+def key_offset(cfg: AttentionConfig, kv_len: int):
   """Position of this device's first key in the sequence (0 without context parallelism)."""
   return 0 if cfg.axis_name is None else jax.lax.axis_index(cfg.axis_name) * kv_len
 
 
-def combine(cfg: Config, acc):
+def combine(cfg: AttentionConfig, acc):
   """Sums of a pass added up over the context-parallel axis (unchanged on one device)."""
   return acc if cfg.axis_name is None else jax.lax.psum(acc, cfg.axis_name)
 
 
-def combine_stats(cfg: Config, acc: StatsAcc) -> StatsAcc:
+def combine_stats(cfg: AttentionConfig, acc: StatsAcc) -> StatsAcc:
   """Running statistics of every key shard merged (Chan's update across devices)."""
   if cfg.axis_name is None:
     return acc
@@ -422,7 +384,7 @@ class _Padded(NamedTuple):
   mask: jax.Array | None  # [Bm, Hk|1, G|1, nq*bq|1, nk*bk|1]
 
 
-def _pad_inputs(cfg: Config, q, k, v, q_ok, k_ok, mask) -> _Padded:
+def _pad_inputs(cfg: AttentionConfig, q, k, v, q_ok, k_ok, mask) -> _Padded:
   batch, q_len, heads, dim = q.shape
   kv_heads = k.shape[2]
   tq = -(-q_len // cfg.block_q) * cfg.block_q
@@ -439,7 +401,7 @@ def _pad_inputs(cfg: Config, q, k, v, q_ok, k_ok, mask) -> _Padded:
   return _Padded(q, k, v, pad_axis(q_ok, 1, tq, False), pad_axis(k_ok, 1, tk, False), mask)
 
 
-def _query_block(cfg: Config, x: _Padded, start, k_offset=0):
+def _query_block(cfg: AttentionConfig, x: _Padded, start, k_offset=0):
   """Closures over one query block: its scores per key block, and its slices (keys at positions
   from ``k_offset``)."""
   bq, bk = cfg.block_q, cfg.block_k
@@ -477,7 +439,7 @@ def _vec_to_bqhd(x, batch, heads):
   return jnp.swapaxes(x, 1, 2)
 
 
-def _blockwise_forward(cfg: Config, q, k, v, target, q_ok, k_ok, mask):
+def _blockwise_forward(cfg: AttentionConfig, q, k, v, target, q_ok, k_ok, mask):
   batch, q_len, heads, dim = q.shape
   x = _pad_inputs(cfg, q, k, v, q_ok, k_ok, mask)
   kv_heads, groups = x.q.shape[2], x.q.shape[3]
@@ -511,7 +473,7 @@ def _blockwise_forward(cfg: Config, q, k, v, target, q_ok, k_ok, mask):
       acc = jax.lax.fori_loop(0, hi, body, moments_init(row_shape, dtype))
       return moments_finalize(combine(cfg, acc), gamma, center, n_ties)
 
-    zmax, gamma, center, free, log_n = solve_rows(
+    zmax, gamma, center, free, log_n = solve_attention_rows(
       stats_pass, moments_pass, tgt, cfg.relative, cfg.num_iters
     )
 
@@ -523,16 +485,24 @@ def _blockwise_forward(cfg: Config, q, k, v, target, q_ok, k_ok, mask):
 
     acc = combine(cfg, jax.lax.fori_loop(0, hi, out_body, out_init(row_shape, dim, dtype)))
     out, cov, mean, var = out_finalize(acc, center)
-    return out, cov, Rows(zmax, gamma, acc.denom, mean, var, free, log_n)
+    return (
+      out,
+      cov,
+      RowResiduals(
+        zmax=zmax, gamma=gamma, denom=acc.denom, mean=mean, var=var, free=free, log_n=log_n
+      ),
+    )
 
   out, cov, rows = jax.lax.map(one_block, jnp.arange(n_q))
-  rows = Rows(*(_rows_to_bhq(r, batch, heads)[:, :, :q_len] for r in rows))
+  rows = RowResiduals(*(_rows_to_bhq(r, batch, heads)[:, :, :q_len] for r in rows))
   out = _vec_to_bqhd(out, batch, heads)[:, :q_len]
   cov = _vec_to_bqhd(cov, batch, heads)[:, :q_len]
   return out, cov, rows
 
 
-def _blockwise_backward(cfg: Config, q, k, v, q_ok, k_ok, mask, rows: Rows, coef, delta, d_out):
+def _blockwise_backward(
+  cfg: AttentionConfig, q, k, v, q_ok, k_ok, mask, rows: RowResiduals, coef, delta, d_out
+):
   batch, q_len, heads, dim = q.shape
   x = _pad_inputs(cfg, q, k, v, q_ok, k_ok, mask)
   kv_heads, groups = x.q.shape[2], x.q.shape[3]
@@ -541,7 +511,7 @@ def _blockwise_backward(cfg: Config, q, k, v, q_ok, k_ok, mask, rows: Rows, coef
   dtype = x.q.dtype
   prec = cfg.precision
   d_out = pad_axis(d_out.astype(dtype), 1, tq).reshape(x.q.shape)
-  inv_denom = jnp.where(rows.denom > 0, 1.0 / jnp.where(rows.denom > 0, rows.denom, 1.0), 0.0)
+  inv_denom = inverse_denominator(rows.denom)
   per_row = (rows.zmax, rows.gamma, inv_denom, rows.mean, coef, delta)
   per_row = [pad_axis(r.astype(dtype), 2, tq).reshape(batch, kv_heads, groups, tq) for r in per_row]
   offset = key_offset(cfg, k.shape[1])

@@ -16,6 +16,8 @@ largest entropy the row can have, ``H_target = r · log(n_valid)``, so causal ro
 different sequence lengths all get a comparable target. γ* comes from the core solver
 (:func:`entnorm_jax.entropy_softmax`) and is differentiated implicitly, so gradients reach the
 logits and the target (``∂γ*/∂H_t = -1 / (γ* Var_a[s])``) without going through the iterations.
+The weights and outputs are the dense computation of :mod:`entnorm_jax._src.dense_attention` (the
+one the ``"xla"`` reference of :mod:`entnorm_jax.attention` runs), with Flax's options around it.
 
 The functions accept the keyword arguments Flax passes to an ``attention_fn`` (Linen filters them
 by signature, NNX passes ``mask, dropout_rng, dropout_rate, broadcast_dropout, deterministic, dtype,
@@ -29,6 +31,7 @@ complex inputs raise a ``TypeError``.
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from collections.abc import Callable
 
@@ -41,7 +44,9 @@ from jax.typing import ArrayLike
 
 from entnorm_jax._src import targets
 from entnorm_jax._src.attention import _entropy_attention
-from entnorm_jax._src.functions import _entropy_softmax, entropy
+from entnorm_jax._src.dense_attention import entropy_weights, scores, visible, weighted_values
+from entnorm_jax._src.functions import cross_entropy_of, entropy
+from entnorm_jax._src.inputs import check_qkv, compute_dtype
 from entnorm_jax._src.targets import Spec
 
 IMPLEMENTATIONS = ("xla", "blockwise", "pallas")
@@ -91,70 +96,15 @@ def _promote(promote_dtype, arrays: tuple[ArrayLike, ...], dtype) -> tuple[jax.A
   return tuple(jnp.asarray(a) for a in promoted)
 
 
-def _check_shapes(query: jax.Array, key: jax.Array, value: jax.Array | None = None) -> None:
-  """Flax's static shape checks (its message phrases), plus grouped-query head counts."""
-  arrays = (query, key) if value is None else (query, key, value)
-  names = "query, key" if value is None else "query, key, value"
-  shapes = ", ".join(str(a.shape) for a in arrays)
-  if any(a.ndim != query.ndim for a in arrays) or query.ndim < 3:
-    raise ValueError(f"{names} must have the same rank >= 3, got shapes {shapes}")
-  if any(a.shape[:-3] != query.shape[:-3] for a in arrays):
-    raise ValueError(f"{names} batch dims must match, got shapes {shapes}")
-  if query.shape[-1] != key.shape[-1]:
-    raise ValueError(f"query and key depths must match, got shapes {shapes}")
-  if value is not None and key.shape[-3] != value.shape[-3]:
-    raise ValueError(f"key and value lengths must match, got shapes {shapes}")
-  if value is not None and key.shape[-2] != value.shape[-2]:
-    raise ValueError(f"key and value heads must match, got shapes {shapes}")
-  if query.shape[-2] % key.shape[-2]:
-    raise ValueError(
-      f"query heads ({query.shape[-2]}) must be a multiple of key/value heads "
-      f"({key.shape[-2]}) for grouped-query attention"
-    )
-
-
 def attention_spec(where: str, removed: dict, **keywords) -> tuple[object, Spec]:
   """The target of an attention call (``target_fraction=0.5`` when none is named)."""
-  targets.reject_removed(removed, where)
-  return targets.parse(where, default="target_fraction", default_value=0.5, **keywords)
+  return targets.parse(where, "target_fraction", 0.5, removed=removed, **keywords)
 
 
 def _keywords(target, spec: Spec) -> dict[str, object]:
   """The keywords that name ``target`` (the inverse of :func:`attention_spec`)."""
   values = target if spec.bounded else (target,)
   return dict(zip(spec.names, values, strict=True))
-
-
-def _valid_mask(
-  mask: ArrayLike | None, is_causal: bool, shape: tuple[int, ...]
-) -> jax.Array | None:
-  """Boolean mask of the keys each query may see (``None``: all of them)."""
-  valid = None if mask is None else jnp.asarray(mask).astype(bool)
-  if is_causal:
-    q_len, kv_len = shape[-2:]
-    causal = jnp.tril(jnp.ones((q_len, kv_len), bool))
-    valid = causal if valid is None else valid & causal
-  return valid
-
-
-def _row_entropy_softmax(logits, valid, target, spec: Spec, num_iters):
-  """:func:`entropy_softmax` over the last axis, with the rows flattened to one batch axis.
-
-  On XLA:CPU the solve and its derivative run faster over ``[rows, k]`` than over
-  ``[batch, heads, q, k]`` (forward+backward about 1.4x at length 1024), so the rows are
-  flattened first.
-  """
-  shape = logits.shape
-  rows = (math.prod(shape[:-1]), shape[-1])
-  if valid is not None:
-    valid = jnp.broadcast_to(valid, shape).reshape(rows)
-  target = target.reshape(rows[0], *target.shape[len(shape) - 1 :])  # [rows] or [rows, 2]
-  per_row = (target[:, 0], target[:, 1]) if spec.bounded else target
-  logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32)).reshape(rows)
-  weights = _entropy_softmax(
-    logits, per_row, -1, valid, spec=spec, num_iters=num_iters, implementation=None
-  )
-  return weights.reshape(shape)
 
 
 def _sow(module, name: str, value: jax.Array) -> None:
@@ -168,13 +118,10 @@ def _sow_entropies(module, logits, valid, weights) -> None:
   """Sows each row's entropy (nats) before (``softmax(s)``) and after normalization, as
   ``'entropy_before'`` and ``'entropy_after'`` of shape ``[batch..., num_heads, q_length]``."""
   logits, weights = jax.lax.stop_gradient((logits, weights))
-  if valid is not None:
-    valid = jnp.broadcast_to(valid, logits.shape)
-  logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+  logits = logits.astype(compute_dtype(logits.dtype))
   weights = weights.astype(logits.dtype)
-  after = -jnp.sum(jnp.where(weights > 0, weights * jnp.log(weights), 0.0), axis=-1)
   _sow(module, "entropy_before", entropy(logits, -1, valid))
-  _sow(module, "entropy_after", after)
+  _sow(module, "entropy_after", cross_entropy_of(weights, jnp.log(weights)))
 
 
 def entropy_attention_weights(
@@ -292,25 +239,17 @@ def entropy_attention_weights(
     )
   query, key = _promote(promote_dtype, (query, key), dtype)
   _check_real(query=query, key=key, bias=bias)
-  _check_shapes(query, key)
+  check_qkv(query, key)
   dtype = query.dtype
-  *batch, q_len, heads, depth = query.shape
-  kv_heads = key.shape[-2]
-  group = heads // kv_heads
-  einsum = _einsum(einsum, precision, einsum_dot_general)
+  heads, depth = query.shape[-2:]
   query = query / jnp.sqrt(depth).astype(dtype)
-  if group == 1:  # the grouped contraction below lays the logits out slower for the solve on CPU
-    logits = einsum("...qhd,...khd->...hqk", query, key)
-  else:
-    grouped = query.reshape(*batch, q_len, kv_heads, group, depth)
-    logits = einsum("...qhgd,...khd->...hgqk", grouped, key)
-    logits = logits.reshape(*batch, heads, q_len, key.shape[-3])
+  logits = scores(query, key, _einsum(einsum, precision, einsum_dot_general))
   if bias is not None:
     logits = logits + bias
-  valid = _valid_mask(mask, is_causal, logits.shape)
-  solve_dtype = jnp.promote_types(logits.dtype, jnp.float32)
+  valid = visible(mask, is_causal, *logits.shape[-2:])
+  solve_dtype = compute_dtype(logits.dtype)
   target = targets.per_row(target, spec, logits.shape[:-1], solve_dtype, heads=heads)
-  weights = _row_entropy_softmax(logits, valid, target, spec, num_iters)
+  weights = entropy_weights(logits, valid, target, spec, num_iters)
   if module is not None and sow_entropies:
     _sow_entropies(module, logits, valid, weights)
   if not force_fp32_for_softmax:
@@ -329,7 +268,7 @@ def _kernel_attention(query, key, value, mask, is_causal, target, spec, num_iter
   """Calls :func:`entnorm_jax.attention.entropy_attention` (one batch axis) on Flax's layout."""
   *batch, q_len, heads, _ = query.shape
   rows = math.prod(batch)
-  solve_dtype = jnp.promote_types(query.dtype, jnp.float32)
+  solve_dtype = compute_dtype(query.dtype)
   target = targets.per_row(target, spec, (*batch, heads, q_len), solve_dtype, heads=heads)
   target = target.reshape(rows, heads, q_len, *target.shape[len(batch) + 2 :])
   per_row = (target[..., 0], target[..., 1]) if spec.bounded else target
@@ -456,7 +395,7 @@ def entropy_dot_product_attention(
   )
   query, key, value = _promote(promote_dtype, (query, key, value), dtype)
   _check_real(query=query, key=key, value=value, bias=bias)
-  _check_shapes(query, key, value)
+  check_qkv(query, key, value)
   if implementation != "xla":
     unsupported = {
       "bias": bias is not None,
@@ -494,14 +433,96 @@ def entropy_dot_product_attention(
     sow_entropies=sow_entropies,
     **_keywords(target, spec),
   )
-  *batch, heads, q_len, kv_len = weights.shape
-  kv_heads = value.shape[-2]
   einsum = _einsum(attn_weights_value_einsum, precision, einsum_dot_general)
-  if kv_heads == heads:
-    return einsum("...hqk,...khd->...qhd", weights, value)
-  grouped = weights.reshape(*batch, kv_heads, heads // kv_heads, q_len, kv_len)
-  out = einsum("...hgqk,...khd->...qhgd", grouped, value)
-  return out.reshape(*batch, q_len, heads, value.shape[-1])
+  return weighted_values(weights, value, einsum)
+
+
+def flax_keywords(module, mask, dropout_rng, deterministic) -> dict[str, object]:
+  """The keywords both of Flax's attention modules pass their ``attention_fn`` (each adds its own).
+
+  Args:
+    module: a Linen or NNX attention module (its dropout settings, ``dtype`` and ``precision``).
+    mask: the call's mask (with the decode cache's, if any).
+    dropout_rng: the dropout key, or ``None``.
+    deterministic: whether dropout is off.
+
+  Returns:
+    ``mask``, ``dropout_rng``, ``dropout_rate``, ``broadcast_dropout``, ``deterministic``,
+    ``dtype`` and ``precision``.
+  """
+  return dict(
+    mask=mask,
+    dropout_rng=dropout_rng,
+    dropout_rate=module.dropout_rate,
+    broadcast_dropout=module.broadcast_dropout,
+    deterministic=deterministic,
+    dtype=module.dtype,
+    precision=module.precision,
+  )
+
+
+def module_keywords(module, sow_weights: bool) -> dict[str, object]:
+  """The keywords an entropy attention module adds to Flax's when it calls its ``attention_fn``.
+
+  Both modules pass Flax's own keywords exactly as Flax's module of their kind does (Linen keeps
+  those the function's signature names, NNX passes them all), so any ``attention_fn`` of Flax's
+  module works in ours; to these they add the target keywords, ``num_iters`` and
+  ``implementation`` (and ``sow_weights``, ``sow_entropies`` with ``sow_entropies``), each only
+  when the signature names it or takes ``**kwargs``.
+
+  Args:
+    module: a Linen or NNX ``EntropyMultiHeadAttention``.
+    sow_weights: the call's ``sow_weights``.
+
+  Returns:
+    The keywords to add.
+
+  Raises:
+    ValueError: for ``sow_entropies=True`` with an ``attention_fn`` that does not take it.
+  """
+  ours = dict(module.targets(), num_iters=module.num_iters, implementation=module.implementation)
+  if module.sow_entropies:
+    ours.update(sow_entropies=True, sow_weights=sow_weights)
+  accepted = inspect.signature(module.attention_fn).parameters
+  takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
+  if module.sow_entropies and not (takes_all or "sow_entropies" in accepted):
+    raise ValueError("sow_entropies=True needs an attention_fn that takes sow_entropies")
+  return {k: v for k, v in ours.items() if takes_all or k in accepted}
+
+
+def cache_step(cached_key, cached_value, index, key, value, checked: tuple[str, jax.Array]):
+  """One step of the autoregressive key/value cache, as Flax's attention modules take it.
+
+  Args:
+    cached_key: the cached keys ``[batch..., max_length, kv_heads, depth]``.
+    cached_value: the cached values, of the same shape.
+    index: the int scalar position this step's key and value go to.
+    key: this step's key ``[batch..., 1, kv_heads, depth]``.
+    value: this step's value, of the same shape.
+    checked: ``(name, array)``, the input that must have the shape of one step (Linen checks the
+      query, NNX the key, as Flax's modules do).
+
+  Returns:
+    ``(keys, values, seen)``: the cache with this step written at ``index``, and the boolean mask
+    ``[batch..., 1, 1, max_length]`` of the positions filled so far.
+
+  Raises:
+    ValueError: for a ``checked`` array that is not one step.
+  """
+  *batch, max_length, heads, depth = cached_key.shape
+  name, array = checked
+  if array.shape != (*batch, 1, heads, depth):
+    raise ValueError(
+      f"autoregressive cache expects a {name} of shape {(*batch, 1, heads, depth)}, got "
+      f"{array.shape}"
+    )
+  # all start indices in the cache index's dtype: Python ints would be int64 under x64
+  zero = jnp.zeros((), index.dtype)
+  start = (zero,) * len(batch) + (index, zero, zero)
+  key = jax.lax.dynamic_update_slice(cached_key, key, start)
+  value = jax.lax.dynamic_update_slice(cached_value, value, start)
+  seen = jnp.broadcast_to(jnp.arange(max_length) <= index, (*batch, 1, 1, max_length))
+  return key, value, seen
 
 
 # Parameter names of learned targets; the exact target keeps the name it had before bounds.

@@ -15,7 +15,6 @@ log(n_valid), or entropy bounds (``min_entropy`` / ``max_entropy``, ``min_fracti
 from __future__ import annotations
 
 import functools
-import operator
 
 import jax
 import jax.numpy as jnp
@@ -23,71 +22,41 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from entnorm_jax._src import targets
+from entnorm_jax._src.inputs import (
+  canonicalize_axis,
+  check_num_iters,
+  check_where,
+  compute_dtype,
+  output_dtype,
+)
+from entnorm_jax._src.iteration import SolveInfo
 from entnorm_jax._src.moments import shift_rows
-from entnorm_jax._src.normalize import IMPLEMENTATIONS, Config, Solution, solve_rows
-from entnorm_jax._src.solver import SolveInfo
+from entnorm_jax._src.normalize import IMPLEMENTATIONS, Solution, SolveConfig, solve_rows
 from entnorm_jax._src.targets import Spec
-
-__all__ = [
-  "entropy",
-  "entropy_log_softmax",
-  "entropy_normalize",
-  "entropy_softmax",
-  "entropy_softmax_cross_entropy",
-  "entropy_softmax_cross_entropy_with_integer_labels",
-  "solve_gamma",
-]
 
 # Shape the computation, so static under jit; the target's values may be traced, its unit (the
 # keyword it came by) is static.
 _STATIC = ("axis", "spec", "num_iters", "implementation")
 
 
-def canonicalize_axis(axis: int, ndim: int) -> int:
-  """Returns ``axis`` as a non-negative int, or raises ``ValueError`` naming axis and ndim."""
-  try:
-    axis = operator.index(axis)
-  except TypeError as e:
-    raise TypeError(f"axis must be an int, got {axis!r}") from e
-  if not -ndim <= axis < ndim:
-    raise ValueError(f"axis {axis} is out of bounds for logits of ndim {ndim}")
-  return axis % ndim
-
-
-def _compute_dtype(dtype) -> np.dtype:
-  """float16/bfloat16/float32 (and ints) solve in float32; float64 in float64."""
-  return np.dtype(jnp.promote_types(dtype, jnp.float32))
-
-
-def _output_dtype(dtype) -> np.dtype:
-  return np.dtype(dtype) if jnp.issubdtype(dtype, jnp.floating) else _compute_dtype(dtype)
-
-
 def _mask(where: ArrayLike | None, shape, axis: int) -> jax.Array | None:
   """``where`` broadcast to the logits and moved like them, or ``None``."""
   if where is None:
     return None
-  where = jnp.asarray(where)
-  try:
-    where = jnp.broadcast_to(where, shape)
-  except ValueError as e:
-    raise ValueError(
-      f"where of shape {where.shape} does not broadcast to logits of shape {shape}"
-    ) from e
-  return jnp.moveaxis(where.astype(bool), axis, -1)
+  check_where(where, shape)
+  return jnp.moveaxis(jnp.broadcast_to(jnp.asarray(where), shape).astype(bool), axis, -1)
 
 
-def _config(num_iters, implementation, info=False) -> Config:
-  if num_iters is not None and operator.index(num_iters) < 0:
-    raise ValueError(f"num_iters must be >= 0 or None, got {num_iters}")
+def _config(num_iters, implementation, info=False) -> SolveConfig:
+  check_num_iters(num_iters)
   if implementation is not None and implementation not in IMPLEMENTATIONS:
     raise ValueError(
       f"implementation must be None or one of {IMPLEMENTATIONS}, got {implementation!r}"
     )
-  return Config(num_iters, implementation, info)
+  return SolveConfig(num_iters, implementation, info)
 
 
-def _solve(x, where, target, spec: Spec, cfg: Config):
+def _solve(x, where, target, spec: Spec, cfg: SolveConfig):
   """Solves the rows of ``x`` (normalized axis last); returns the :class:`Solution` in its shape
   (``target_scale`` with a trailing axis of 2 for bounds)."""
   batch = x.shape[:-1]
@@ -110,16 +79,24 @@ def _solve(x, where, target, spec: Spec, cfg: Config):
   )
 
 
-def _from_logits(logits, where, axis, target, spec, num_iters, implementation, info=False):
-  """``(x, where, solution, axis, dtype)`` with the normalized axis last."""
+def _rows_last(logits, where, axis):
+  """``(x, where, axis, dtype)``: the real logits in the compute dtype with the normalized axis
+  last, the mask moved like them (or ``None``), the axis as a non-negative int, and the dtype of
+  the result (see :func:`entnorm_jax._src.inputs.output_dtype`)."""
   logits = jnp.asarray(logits)
   if jnp.issubdtype(logits.dtype, jnp.complexfloating):
     raise TypeError(f"entropy normalization needs real logits, got {logits.dtype}")
   axis = canonicalize_axis(axis, logits.ndim)
   where = _mask(where, logits.shape, axis)
-  x = jnp.moveaxis(logits, axis, -1).astype(_compute_dtype(logits.dtype))
+  x = jnp.moveaxis(logits, axis, -1).astype(compute_dtype(logits.dtype))
+  return x, where, axis, output_dtype(logits.dtype)
+
+
+def _from_logits(logits, where, axis, target, spec, num_iters, implementation, info=False):
+  """``(x, where, solution, axis, dtype)``: :func:`_rows_last` and the solve."""
+  x, where, axis, dtype = _rows_last(logits, where, axis)
   sol = _solve(x, where, target, spec, _config(num_iters, implementation, info))
-  return x, where, sol, axis, _output_dtype(logits.dtype)
+  return x, where, sol, axis, dtype
 
 
 def _log_probs(x, where, gamma):
@@ -137,6 +114,19 @@ def _log_probs(x, where, gamma):
   return jnp.where(valid, scaled - log_s0, -jnp.inf)
 
 
+def cross_entropy_of(labels: jax.Array, log_q: jax.Array) -> jax.Array:
+  """``-Σ_i labels_i log q_i`` over the last axis, the masked entries (``log q_i = -inf``) left out.
+
+  Args:
+    labels: weights ``[..., n]``; ``exp(log_q)`` gives the entropy of q.
+    log_q: log-probabilities ``[..., n]``, ``-inf`` at masked entries.
+
+  Returns:
+    ``[...]``, in the dtype of the product.
+  """
+  return -jnp.sum(jnp.where(log_q > -jnp.inf, labels * log_q, 0.0), axis=-1)
+
+
 @functools.partial(jax.jit, static_argnames=("axis",))
 def entropy(logits: ArrayLike, axis: int = -1, where: ArrayLike | None = None) -> jax.Array:
   """Shannon entropy (nats) of ``softmax(logits)`` along ``axis``.
@@ -150,27 +140,21 @@ def entropy(logits: ArrayLike, axis: int = -1, where: ArrayLike | None = None) -
     where: optional boolean mask broadcastable to ``logits``.
 
   Returns:
-    H = -Σ_i q_i log q_i with q = softmax(logits), shape ``logits.shape`` without ``axis``.
+    H = -Σ_i q_i log q_i with q = softmax(logits), shape ``logits.shape`` without ``axis``, in
+    the dtype of ``logits`` (float32 for integer or boolean logits).
+
+  Raises:
+    TypeError: for complex logits.
+    ValueError: for a bad axis or a mask that does not broadcast.
 
   Examples:
     >>> import jax.numpy as jnp, entnorm_jax as en
     >>> float(en.entropy(jnp.zeros(4)))  # log 4
     1.386...
   """
-  logits = jnp.asarray(logits)
-  axis = canonicalize_axis(axis, logits.ndim)
-  where = _mask(where, logits.shape, axis)
-  x = jnp.moveaxis(logits, axis, -1).astype(_compute_dtype(logits.dtype))
+  x, where, _, dtype = _rows_last(logits, where, axis)
   log_q = _log_probs(x, where, jnp.ones(x.shape[:-1], x.dtype))
-  finite = log_q > -jnp.inf
-  h = -jnp.sum(jnp.where(finite, jnp.exp(log_q) * log_q, 0.0), axis=-1)
-  return h.astype(_output_dtype(logits.dtype))
-
-
-def _target(where: str, removed: dict, **keywords) -> tuple[object, Spec]:
-  """The call's target and its :class:`Spec` (see :mod:`entnorm_jax._src.targets`)."""
-  targets.reject_removed(removed, where)
-  return targets.parse(where, **keywords)
+  return cross_entropy_of(jnp.exp(log_q), log_q).astype(dtype)
 
 
 @functools.partial(jax.jit, static_argnames=(*_STATIC, "info"))
@@ -225,12 +209,12 @@ def solve_gamma(
     return_info: also return how each row's solve ended (static).
 
   Returns:
-    γ*, of shape ``logits.shape`` without ``axis``, in the dtype of ``logits``; with
-    ``return_info``, ``(γ*, info)``: a :class:`SolveInfo` whose ``converged`` (bool) says where a
-    row is within the tolerance of its clamped target (or solved at an edge, or held inside its
-    bounds), False where the solve stopped first (the evaluation cap, a fixed ``num_iters``, a
-    step that rounds to nothing) or the row holds a NaN, and whose ``evaluations`` (int32)
-    counts the passes over each row. Both of γ*'s shape.
+    γ*, of shape ``logits.shape`` without ``axis``, in the dtype of ``logits`` (float32 for
+    integer or boolean logits); with ``return_info``, ``(γ*, info)``: a :class:`SolveInfo` whose
+    ``converged`` (bool) says where a row is within the tolerance of its clamped target (or
+    solved at an edge, or held inside its bounds), False where the solve stopped first (the
+    evaluation cap, a fixed ``num_iters``, a step that rounds to nothing) or the row holds a NaN,
+    and whose ``evaluations`` (int32) counts the passes over each row. Both of γ*'s shape.
 
   Raises:
     ValueError: as :func:`entropy_softmax`.
@@ -247,10 +231,10 @@ def solve_gamma(
     >>> bool(info.converged), int(info.evaluations) <= 8
     (True, True)
   """
-  target, spec = _target(
-    "solve_gamma", removed, target_entropy=target_entropy, target_fraction=target_fraction,
-    min_entropy=min_entropy, max_entropy=max_entropy, min_fraction=min_fraction,
-    max_fraction=max_fraction,
+  target, spec = targets.parse(
+    "solve_gamma", removed=removed, target_entropy=target_entropy,
+    target_fraction=target_fraction, min_entropy=min_entropy, max_entropy=max_entropy,
+    min_fraction=min_fraction, max_fraction=max_fraction,
   )  # fmt: skip
   return _solve_gamma(
     logits, target, axis, where, spec=spec, num_iters=num_iters, implementation=implementation,
@@ -326,7 +310,8 @@ def entropy_softmax(
       rows longer than 8192 and for entropy bounds. All give the same answers.
 
   Returns:
-    Probabilities of the shape and dtype of ``logits``. A row with no valid entry is all zeros.
+    Probabilities of the shape and dtype of ``logits`` (float32 for integer or boolean logits,
+    which are solved in float32 as 16-bit floats are). A row with no valid entry is all zeros.
 
   Raises:
     ValueError: for a bad axis, ``num_iters`` or ``implementation``; a mask or target that does
@@ -347,10 +332,10 @@ def entropy_softmax(
     >>> (en.entropy(jnp.log(q)) / jnp.log(4.0)).round(4).tolist()  # raised / lowered to a bound
     [0.25, 0.75]
   """
-  target, spec = _target(
-    "entropy_softmax", removed, target_entropy=target_entropy, target_fraction=target_fraction,
-    min_entropy=min_entropy, max_entropy=max_entropy, min_fraction=min_fraction,
-    max_fraction=max_fraction,
+  target, spec = targets.parse(
+    "entropy_softmax", removed=removed, target_entropy=target_entropy,
+    target_fraction=target_fraction, min_entropy=min_entropy, max_entropy=max_entropy,
+    min_fraction=min_fraction, max_fraction=max_fraction,
   )  # fmt: skip
   return _entropy_softmax(
     logits, target, axis, where, spec=spec, num_iters=num_iters, implementation=implementation
@@ -387,7 +372,8 @@ def entropy_log_softmax(
       min_fraction, max_fraction, num_iters, implementation: as in :func:`entropy_softmax`.
 
   Returns:
-    Log-probabilities of the shape and dtype of ``logits``; ``-inf`` at masked entries.
+    Log-probabilities of the shape and dtype of ``logits`` (float32 for integer or boolean
+    logits); ``-inf`` at masked entries.
 
   Raises:
     ValueError: as :func:`entropy_softmax`.
@@ -398,8 +384,8 @@ def entropy_log_softmax(
     >>> round(float(-(jnp.exp(lq) * lq).sum()), 4)
     0.5
   """
-  target, spec = _target(
-    "entropy_log_softmax", removed, target_entropy=target_entropy,
+  target, spec = targets.parse(
+    "entropy_log_softmax", removed=removed, target_entropy=target_entropy,
     target_fraction=target_fraction, min_entropy=min_entropy, max_entropy=max_entropy,
     min_fraction=min_fraction, max_fraction=max_fraction,
   )  # fmt: skip
@@ -415,7 +401,7 @@ def _entropy_normalize(probs, target, axis, where, *, spec, num_iters, implement
   nonzero = probs != 0
   logits = jnp.where(nonzero, jnp.log(jnp.where(nonzero, probs, 1.0)), -jnp.inf)
   _, _, sol, axis, _ = _from_logits(logits, where, axis, target, spec, num_iters, implementation)
-  return jnp.moveaxis(sol.probs, -1, axis).astype(_output_dtype(probs.dtype))
+  return jnp.moveaxis(sol.probs, -1, axis).astype(output_dtype(probs.dtype))
 
 
 def entropy_normalize(
@@ -445,7 +431,8 @@ def entropy_normalize(
       max_fraction, num_iters, implementation: as in :func:`entropy_softmax`.
 
   Returns:
-    The normalized distribution, with the shape and dtype of ``probs``.
+    The normalized distribution, with the shape and dtype of ``probs`` (float32 for integer or
+    boolean ``probs``).
 
   Raises:
     ValueError: as :func:`entropy_softmax`.
@@ -456,8 +443,8 @@ def entropy_normalize(
     >>> q[3].item(), round(float(en.entropy(jnp.log(q))), 4)
     (0.0, 0.6931)
   """
-  target, spec = _target(
-    "entropy_normalize", removed, target_entropy=target_entropy,
+  target, spec = targets.parse(
+    "entropy_normalize", removed=removed, target_entropy=target_entropy,
     target_fraction=target_fraction, min_entropy=min_entropy, max_entropy=max_entropy,
     min_fraction=min_fraction, max_fraction=max_fraction,
   )  # fmt: skip
@@ -472,9 +459,7 @@ def _cross_entropy(logits, labels, target, axis, where, *, spec, num_iters, impl
     logits, where, axis, target, spec, num_iters, implementation
   )
   labels = jnp.moveaxis(jnp.broadcast_to(labels, jnp.shape(logits)), axis, -1)
-  log_q = _log_probs(x, where, sol.gamma)
-  finite = log_q > -jnp.inf
-  return (-jnp.sum(jnp.where(finite, labels * log_q, 0.0), axis=-1)).astype(dtype)
+  return cross_entropy_of(labels, _log_probs(x, where, sol.gamma)).astype(dtype)
 
 
 def entropy_softmax_cross_entropy(
@@ -506,7 +491,8 @@ def entropy_softmax_cross_entropy(
       max_fraction, num_iters, implementation: as in :func:`entropy_softmax`.
 
   Returns:
-    The loss, of shape ``logits.shape`` without ``axis``.
+    The loss, of shape ``logits.shape`` without ``axis``, in the dtype of ``logits`` (float32 for
+    integer or boolean logits).
 
   Raises:
     TypeError: for integer labels (see :func:`entropy_softmax_cross_entropy_with_integer_labels`).
@@ -518,8 +504,8 @@ def entropy_softmax_cross_entropy(
     >>> loss.shape
     ()
   """
-  target, spec = _target(
-    "entropy_softmax_cross_entropy", removed, target_entropy=target_entropy,
+  target, spec = targets.parse(
+    "entropy_softmax_cross_entropy", removed=removed, target_entropy=target_entropy,
     target_fraction=target_fraction, min_entropy=min_entropy, max_entropy=max_entropy,
     min_fraction=min_fraction, max_fraction=max_fraction,
   )  # fmt: skip
@@ -574,7 +560,8 @@ def entropy_softmax_cross_entropy_with_integer_labels(
       max_fraction, num_iters, implementation: as in :func:`entropy_softmax`.
 
   Returns:
-    The loss, of shape ``logits.shape`` without ``axis``.
+    The loss, of shape ``logits.shape`` without ``axis``, in the dtype of ``logits`` (float32 for
+    integer or boolean logits).
 
   Raises:
     TypeError: for labels that are not integers.
@@ -586,10 +573,10 @@ def entropy_softmax_cross_entropy_with_integer_labels(
     >>> en.entropy_softmax_cross_entropy_with_integer_labels(z, jnp.array([0, 2]), 0.3).shape
     (2,)
   """
-  target, spec = _target(
-    "entropy_softmax_cross_entropy_with_integer_labels", removed, target_entropy=target_entropy,
-    target_fraction=target_fraction, min_entropy=min_entropy, max_entropy=max_entropy,
-    min_fraction=min_fraction, max_fraction=max_fraction,
+  target, spec = targets.parse(
+    "entropy_softmax_cross_entropy_with_integer_labels", removed=removed,
+    target_entropy=target_entropy, target_fraction=target_fraction, min_entropy=min_entropy,
+    max_entropy=max_entropy, min_fraction=min_fraction, max_fraction=max_fraction,
   )  # fmt: skip
   labels = jnp.asarray(labels)
   if not jnp.issubdtype(labels.dtype, jnp.integer):

@@ -27,6 +27,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from entnorm_jax._src.backends import packed_counts, row_max, shift_to_max
+
 
 class RowStats(NamedTuple):
   """Statistics of the shifted logits of each row that need no exponential.
@@ -81,21 +83,6 @@ def shift_rows(x: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
   zmax = jax.lax.stop_gradient(zmax)
   d = jnp.where(valid, x - zmax, 0.0)
   return d, zmax
-
-
-def _counts(dm: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Valid entries (``dm != -inf``) and entries at the maximum (``dm == 0``) of each row, as floats.
-
-  Rows of fewer than 4096 entries count both in one float reduction (``valid + (n + 1)·tie``,
-  exact while it stays below 2^24): on the CPU every reduction is a pass over the data.
-  """
-  n = dm.shape[-1]
-  ones = (dm != -jnp.inf).astype(dm.dtype)
-  at_max = (dm == 0).astype(dm.dtype)
-  if n < 4096:
-    packed = jnp.sum(ones + (n + 1.0) * at_max, axis=-1).astype(jnp.int32)
-    return (packed % (n + 1)).astype(dm.dtype), (packed // (n + 1)).astype(dm.dtype)
-  return jnp.sum(ones, axis=-1), jnp.sum(at_max, axis=-1)
 
 
 class Shifted(NamedTuple):
@@ -161,9 +148,10 @@ def _finite_part(dm: jax.Array) -> jax.Array:
   return jnp.where(dm != -jnp.inf, dm, 0.0)
 
 
-def _in_lanes(rows: Shifted) -> bool:
-  """Whether ``rows`` are held in the lanes layout, ``[..., sublanes, lanes]`` (:func:`shifted`)."""
-  return rows.dm.ndim > rows.zmax.ndim + 1
+def _in_lanes(logits: Shifted) -> bool:
+  """Whether ``logits`` are held in the lanes layout, ``[..., sublanes, lanes]``
+  (:func:`shifted`)."""
+  return logits.dm.ndim > logits.zmax.ndim + 1
 
 
 def _row_sums(terms) -> tuple[jax.Array, ...]:
@@ -188,25 +176,21 @@ def shifted(
     if zmax is None:
       (zmax,) = _row_reduce((x,), (-jnp.inf,), (jax.lax.max,))
   elif zmax is None:
-    # Without ``where`` the masked entries are the -inf ones: the plain maximum, one pass fewer
-    # (XLA's CPU backend writes a ``where`` out as an array of its own before reducing it).
-    zmax = jnp.max(x if where is None else jnp.where(valid, x, -jnp.inf), axis=-1)
+    zmax = row_max(x, where, valid)
   zmax = jnp.where(jnp.isneginf(zmax), 0.0, zmax)
   top = zmax.reshape(zmax.shape + (1,) * (x.ndim - zmax.ndim))
-  # Exactly 0 at the maximum even when XLA recomputes x (say, scaled attention scores) inside each
-  # consumer and contracts ``x - max`` into a fused multiply-add: ties are counted on it.
-  dm = jnp.where(valid, jnp.where(x >= top, 0.0, x - top), -jnp.inf)
+  dm = jnp.where(valid, shift_to_max(x, top), -jnp.inf)
   return Shifted(zmax, jnp.where(valid, dm, 0.0), dm)
 
 
-def row_stats(rows: Shifted) -> RowStats:
-  """The exponential-free :class:`RowStats` of shifted rows.
+def row_stats(logits: Shifted) -> RowStats:
+  """The exponential-free :class:`RowStats` of shifted logits.
 
   The variance is taken about the maximum (``E[d²] - E[d]²``): it only seeds the first guess, and
   one pass fewer matters more than its digits when the row's spread is tiny next to its mean.
   """
-  if _in_lanes(rows):  # one variadic pass
-    dm, d = rows.dm, _finite_part(rows.dm)
+  if _in_lanes(logits):  # one variadic pass
+    dm, d = logits.dm, _finite_part(logits.dm)
     n, ties, neg_gap, s1, s2 = _row_reduce(
       (
         (dm != -jnp.inf).astype(d.dtype),
@@ -221,16 +205,16 @@ def row_stats(rows: Shifted) -> RowStats:
     safe_n = jnp.maximum(n, 1.0)
     mean = s1 / safe_n
     return RowStats(n, ties, -neg_gap, mean, jnp.maximum(s2 / safe_n - mean * mean, 0.0))
-  n, ties = _counts(rows.dm)
-  gap = -jnp.max(jnp.where(rows.dm < 0, rows.dm, -jnp.inf), axis=-1)
+  n, ties = packed_counts(logits.dm)
+  gap = -jnp.max(jnp.where(logits.dm < 0, logits.dm, -jnp.inf), axis=-1)
   safe_n = jnp.maximum(n, 1.0)
-  mean = jnp.sum(rows.d, axis=-1) / safe_n
-  var = jnp.maximum(jnp.sum(rows.d * rows.d, axis=-1) / safe_n - mean * mean, 0.0)
+  mean = jnp.sum(logits.d, axis=-1) / safe_n
+  var = jnp.maximum(jnp.sum(logits.d * logits.d, axis=-1) / safe_n - mean * mean, 0.0)
   return RowStats(n, ties, gap, mean, var)
 
 
 def evaluate(
-  rows: Shifted, gamma: jax.Array, n_ties: jax.Array, *, full: bool
+  logits: Shifted, gamma: jax.Array, n_ties: jax.Array, *, full: bool
 ) -> tuple[Moments, jax.Array, jax.Array]:
   """Moments of softmax(γ·d) from one exponential per entry.
 
@@ -240,7 +224,7 @@ def evaluate(
   q never is (its largest weight is at the maximum).
 
   Args:
-    rows: the :class:`Shifted` rows.
+    logits: the :class:`Shifted` rows.
     gamma: ``[...]`` inverse temperature, ``γ >= 0``.
     n_ties: ``[...]`` number of valid entries at the maximum.
     full: also compute the variance and third moment (two more passes).
@@ -251,15 +235,15 @@ def evaluate(
     ``e / s0`` is the distribution.
   """
   # γ = 0 (the uniform edge) as a tiny γ: exp(γ·-inf) must be 0 at masked entries, not NaN.
-  g = jnp.maximum(gamma, jnp.finfo(rows.d.dtype).tiny)
-  g = g.reshape(g.shape + (1,) * (rows.d.ndim - g.ndim))
-  e = jnp.exp(g * rows.dm)
-  if _in_lanes(rows):  # one variadic pass, e not written out
-    d = _finite_part(rows.dm)
+  g = jnp.maximum(gamma, jnp.finfo(logits.d.dtype).tiny)
+  g = g.reshape(g.shape + (1,) * (logits.d.ndim - g.ndim))
+  e = jnp.exp(g * logits.dm)
+  if _in_lanes(logits):  # one variadic pass, e not written out
+    d = _finite_part(logits.dm)
     sums = _row_sums((e, e * d, e * d * d, e * d * d * d)[: 4 if full else 2])
     e = None
   else:
-    d = rows.d
+    d = logits.d
     terms = (e, e * d, e * jax.lax.integer_pow(d, 2), e * jax.lax.integer_pow(d, 3))
     sums = [jnp.sum(t, axis=-1) for t in terms[: 4 if full else 2]]
   s0 = sums[0]
@@ -274,15 +258,15 @@ def evaluate(
   return Moments(entropy, mean, var, third, excess), e, s0
 
 
-def distribution(rows: Shifted, gamma: jax.Array, n: int) -> jax.Array:
+def distribution(logits: Shifted, gamma: jax.Array, n: int) -> jax.Array:
   """softmax(γ·d) ``[..., n]`` of rows in the lanes layout: the weights ``e = exp(γ d)`` over the
   sum of these same weights, in the ``[..., n]`` layout (an elementwise pass and a row sum cost a
   third of what they do over ``[..., sublanes, lanes]``). Not over an evaluation's ``S_0``: XLA
   may round the exponentials inside a reduction differently (2 ulp of ``S_0`` measured), and the
   implicit derivative needs Σ q = 1 to the last bits (on sharp rows γ multiplies the difference).
   """
-  g = jnp.maximum(gamma, jnp.finfo(rows.d.dtype).tiny)
-  e = jnp.exp(g[..., None] * from_lanes(rows.dm, n))
+  g = jnp.maximum(gamma, jnp.finfo(logits.d.dtype).tiny)
+  e = jnp.exp(g[..., None] * from_lanes(logits.dm, n))
   s0 = jnp.sum(e, axis=-1, keepdims=True)
   return e / jnp.where(s0 > 0, s0, 1.0)
 

@@ -17,7 +17,7 @@ Layouts (``implementation``):
   Mosaic kernel compiles, but it has not been timed on a TPU against the ``"xla"`` layout, whose
   passes XLA already fuses, so the default there stays ``"xla"``.
 
-All run the same per-block solve (:func:`entnorm_jax._src.solver.solve`) and give the same
+All run the same per-block solve (:func:`entnorm_jax._src.iteration.solve`) and give the same
 answers. The output is ``e / S_0`` from the solve's last evaluation: no extra exponential.
 
 The derivative never goes through the loop. γ* is defined by F(γ, z, H_t) = H(γ; z) - H_t = 0, and
@@ -40,14 +40,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from entnorm_jax._src import pallas_core
+from entnorm_jax._src.backends import TILE_BYTES, any_of
+from entnorm_jax._src.bounds import entropy_bounds, goal
+from entnorm_jax._src.first_guess import start
+from entnorm_jax._src.iteration import FULL, solve
 from entnorm_jax._src.moments import Shifted, distribution, evaluate, row_stats, shifted
-from entnorm_jax._src.solver import FULL, any_of, entropy_bounds, goal, solve, start
 
 IMPLEMENTATIONS = ("tiled", "xla", "pallas")
-
-# Bytes of logits per block in the tiled layout: a block's passes then run from the cache. Measured
-# on a 2-core x86 machine (2 MiB L2, 32 MiB L3): 1-4 MiB blocks cost the same, 8 MiB twice as much.
-TILE_BYTES = 2**21
 
 # Rows up to this length are solved in the lanes layout of the tiled solve (see
 # ``moments.lane_shape``): every pass over them is one variadic reduction, an evaluation 1.5-5x
@@ -57,7 +56,7 @@ TILE_BYTES = 2**21
 LANES_MAX_LENGTH = 1024
 
 
-class Config(NamedTuple):
+class SolveConfig(NamedTuple):
   """Static settings of a solve (hashable)."""
 
   num_iters: int | None  # None: adaptive
@@ -75,9 +74,9 @@ class Solution(NamedTuple):
       (``log n`` with ``relative``, else 1), and 0 where it was clamped to an edge. With bounds
       it is ``[rows, 2]``: that of the bound the row was normalized to, 0 for the other one
       (and for both where the row was inside its bounds, or clamped).
-    converged: int32 1 where the row is on target (see :class:`entnorm_jax._src.solver.SolveInfo`);
-      ``None`` unless :attr:`Config.info`.
-    evaluations: int32, the passes over the row; ``None`` unless :attr:`Config.info`.
+    converged: int32 1 where the row is on target (see
+      :class:`entnorm_jax._src.iteration.SolveInfo`); ``None`` unless :attr:`SolveConfig.info`.
+    evaluations: int32, the passes over the row; ``None`` unless :attr:`SolveConfig.info`.
   """
 
   probs: jax.Array
@@ -87,11 +86,12 @@ class Solution(NamedTuple):
   evaluations: jax.Array | None = None
 
 
-def tile_rows(rows: int, n: int, itemsize: int) -> int:
-  """Rows per block of the tiled layout: about :data:`TILE_BYTES`, dividing ``rows`` if it can."""
-  cap = max(1, min(rows, TILE_BYTES // max(1, n * itemsize)))
+def tile_rows(num_rows: int, n: int, itemsize: int) -> int:
+  """Rows per block of the tiled layout: about ``TILE_BYTES`` (:mod:`entnorm_jax._src.backends`),
+  dividing ``num_rows`` if it can."""
+  cap = max(1, min(num_rows, TILE_BYTES // max(1, n * itemsize)))
   for t in range(cap, (cap + 1) // 2 - 1, -1):
-    if rows % t == 0:
+    if num_rows % t == 0:
       return t
   return cap
 
@@ -109,14 +109,14 @@ def _solve_block(x, where, target, relative, num_iters, info=False, lanes=False)
   rows inside their bounds keep γ = 1 (plain softmax, and with ``target_scale`` 0 softmax's
   derivative), and the others are solved for the bound they cross.
   """
-  rows = shifted(x, where, lanes=lanes)
-  stats = row_stats(rows)
-  rows, stats, unit = _rescale_tiny_rows(rows, stats)
+  logits = shifted(x, where, lanes=lanes)
+  stats = row_stats(logits)
+  logits, stats, unit = _rescale_tiny_rows(logits, stats)
   bounds = entropy_bounds(stats, x.dtype)
   one = 1.0 / unit  # γ = 1 in the rescaled rows' units
   natural = None
   if target.ndim == 2:
-    natural = evaluate(rows, one, stats.n_ties, full=False)[0].entropy
+    natural = evaluate(logits, one, stats.n_ties, full=False)[0].entropy
   aim = goal(target, relative, bounds, natural)
   scale = aim.scale
   if target.ndim == 2:
@@ -127,11 +127,11 @@ def _solve_block(x, where, target, relative, num_iters, info=False, lanes=False)
     # take their moments about the maximum (see moments.evaluate), not about ``center``.
     del center, aux
     if lanes:  # all four sums in the one pass that the entropy's two take
-      mom, _, _ = evaluate(rows, gamma, stats.n_ties, full=True)
+      mom, _, _ = evaluate(logits, gamma, stats.n_ties, full=True)
       return mom, jnp.ones(gamma.shape, bool), ()
 
     def run(full: bool):
-      mom, e, s0 = evaluate(rows, gamma, stats.n_ties, full=full)
+      mom, e, s0 = evaluate(logits, gamma, stats.n_ties, full=full)
       return mom, (e, s0)
 
     # ``full`` is broadcast outside the cond: Mosaic cannot select between the boolean vectors that
@@ -142,33 +142,33 @@ def _solve_block(x, where, target, relative, num_iters, info=False, lanes=False)
 
   held = () if natural is None else (aim.held, one)
   first = start(stats, bounds, aim.nats, *held, lazy=lanes)
-  aux = () if lanes else (rows.d, stats.n_valid)
+  aux = () if lanes else (logits.d, stats.n_valid)
   gamma, _, report, aux = solve(bounds, *first, evaluate_rows, aux, num_iters=num_iters, info=info)
   if lanes:  # the weights at the last γ, once more
-    probs = distribution(rows, gamma, x.shape[-1])
+    probs = distribution(logits, gamma, x.shape[-1])
   else:
     e, s0 = aux
     probs = e / jnp.where(s0 > 0, s0, 1.0)[..., None]
   return Solution(probs, gamma * unit, scale, *(report or ()))
 
 
-def _rescale_tiny_rows(rows: Shifted, stats):
+def _rescale_tiny_rows(logits: Shifted, stats):
   """Rows whose values lie closer together than about sqrt(tiny) (1e-19 in float32) would lose
   their products to underflow: they are solved on ``d`` times a power of two (exact) that brings
-  the gap below the maximum near 1, and their γ is scaled back. Returns ``(rows, stats, unit)``
+  the gap below the maximum near 1, and their γ is scaled back. Returns ``(logits, stats, unit)``
   with γ_true = γ_solved · unit. A block without such rows costs one comparison."""
-  dtype = rows.d.dtype
+  dtype = logits.d.dtype
   tiny = stats.gap < np.sqrt(jnp.finfo(dtype).tiny) * 1e3
   exponent = jnp.where(tiny & (stats.gap > 0), -jnp.floor(jnp.log2(stats.gap)), 0.0)
 
   def rescale():
     factor = jnp.exp2(exponent)
-    factor = factor.reshape(factor.shape + (1,) * (rows.d.ndim - factor.ndim))
-    scaled = Shifted(rows.zmax, rows.d * factor, rows.dm * factor)
+    factor = factor.reshape(factor.shape + (1,) * (logits.d.ndim - factor.ndim))
+    scaled = Shifted(logits.zmax, logits.d * factor, logits.dm * factor)
     return scaled, row_stats(scaled)
 
-  rows, stats = jax.lax.cond(any_of(exponent != 0), rescale, lambda: (rows, stats))
-  return rows, stats, jnp.exp2(exponent)
+  logits, stats = jax.lax.cond(any_of(exponent != 0), rescale, lambda: (logits, stats))
+  return logits, stats, jnp.exp2(exponent)
 
 
 def _tiled(block, x, where, target, relative, *, info=False) -> Solution:
@@ -178,21 +178,21 @@ def _tiled(block, x, where, target, relative, *, info=False) -> Solution:
   not divide the rows, the last one overlaps its predecessor (those rows are solved twice, with
   the same result: a row's solution does not depend on the rows solved with it).
   """
-  rows, n = x.shape
-  t = tile_rows(rows, n, x.dtype.itemsize)
-  if t >= rows:
+  num_rows, n = x.shape
+  t = tile_rows(num_rows, n, x.dtype.itemsize)
+  if t >= num_rows:
     return block(x, where, target, relative)
 
   def body(i, out: Solution) -> Solution:
-    start = jnp.minimum(i * t, rows - t)
+    start = jnp.minimum(i * t, num_rows - t)
     cut = lambda a: None if a is None else jax.lax.dynamic_slice_in_dim(a, start, t)
     sol = block(cut(x), cut(where), cut(target), relative)
     put = lambda buf, a: jax.lax.dynamic_update_slice_in_dim(buf, a, start, 0)
     return jax.tree.map(put, out, sol)
 
-  counts = (jnp.zeros(rows, jnp.int32),) * 2 if info else ()
-  init = Solution(x, jnp.zeros(rows, x.dtype), jnp.zeros_like(target), *counts)
-  return jax.lax.fori_loop(0, -(-rows // t), body, init)
+  counts = (jnp.zeros(num_rows, jnp.int32),) * 2 if info else ()
+  init = Solution(x, jnp.zeros(num_rows, x.dtype), jnp.zeros_like(target), *counts)
+  return jax.lax.fori_loop(0, -(-num_rows // t), body, init)
 
 
 def _pallas(
@@ -203,7 +203,7 @@ def _pallas(
   exact targets only (one value per row): bounds run ``block`` unfused."""
   if target.ndim == 2:
     return block(x, where, target, relative)
-  solution = pallas_core.solve_rows(
+  solution = pallas_core.solve_in_kernel(
     block, x, where, target, relative, interpret=interpret, tpu=tpu, info=info
   )
   return Solution(*solution)
@@ -221,7 +221,7 @@ def _tiled_only(implementation: str | None) -> bool:
   return implementation == "tiled" or (implementation is None and not traces_accelerators())
 
 
-def _layout(x, where, target, relative, cfg: Config) -> Solution:
+def _layout(x, where, target, relative, cfg: SolveConfig) -> Solution:
   """The solve in the layout of ``cfg.implementation``, or the platform's.
 
   The choice between branches is made per platform when the computation is lowered
@@ -253,7 +253,7 @@ def _layout(x, where, target, relative, cfg: Config) -> Solution:
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(4,))
 def solve_rows(
-  x: jax.Array, where: jax.Array | None, target: jax.Array, relative: jax.Array, cfg: Config
+  x: jax.Array, where: jax.Array | None, target: jax.Array, relative: jax.Array, cfg: SolveConfig
 ) -> Solution:
   """Entropy-normalized softmax of every row of ``x``.
 
@@ -263,7 +263,7 @@ def solve_rows(
     target: ``[rows]`` targets, or ``[rows, 2]`` (floor, ceiling) entropy bounds: nats, or
       fractions of log n_valid where ``relative``.
     relative: boolean scalar (may be traced), or ``[2]`` (one per bound) with bounds.
-    cfg: static :class:`Config`.
+    cfg: static :class:`SolveConfig`.
 
   Returns:
     The :class:`Solution`.
@@ -288,14 +288,20 @@ def _tangents(q, x, gamma, scale, dx, dt):
   gamma = jnp.where(one_hot | jnp.isinf(gamma), 0.0, gamma)
   # Masked entries zeroed before any arithmetic: a -inf there would make second derivatives NaN.
   dx, x = jnp.where(on, dx, 0.0), jnp.where(on, x, 0.0)
+  # Centred on the row maximum (exactly: every u is invariant to the shift). Near the argmax edge
+  # the two terms of dq are large and cancel, and γ multiplies the rounding of m: rounded about
+  # the maximum it is that of the values below it, not of the maximum's size (float32 gradients
+  # there were 1e-2 off float64's, absolutely, for logits of a few units).
+  top = jnp.max(jnp.where(on, x, -jnp.inf), axis=-1, keepdims=True)
+  x = jnp.where(on, x - jax.lax.stop_gradient(jnp.where(jnp.isfinite(top), top, 0.0)), 0.0)
   mean = jnp.sum(q * x, axis=-1, keepdims=True)
   u = jnp.where(on, gamma[..., None] * (x - mean), 0.0)
-  w = jnp.sum(q * u * u, axis=-1)
+  u2 = jnp.sum(q * u * u, axis=-1)  # W
   drive = scale * dt
-  if drive.ndim == w.ndim + 1:  # bounds: at most one of the two moves the row
+  if drive.ndim == u2.ndim + 1:  # bounds: at most one of the two moves the row
     drive, scale = jnp.sum(drive, axis=-1), jnp.sum(jnp.abs(scale), axis=-1)
-  moves = (scale != 0) & (w > 0)
-  pull = (gamma * jnp.sum(q * u * dx, axis=-1) + drive) / jnp.where(moves, w, 1.0)
+  moves = (scale != 0) & (u2 > 0)
+  pull = (gamma * jnp.sum(q * u * dx, axis=-1) + drive) / jnp.where(moves, u2, 1.0)
   pull = jnp.where(moves, pull, 0.0)
   du = gamma[..., None] * (dx - jnp.sum(q * dx, axis=-1, keepdims=True))
   return q * (du - u * pull[..., None]), -gamma * pull
@@ -305,18 +311,18 @@ def _tiled_tangents(q, x, gamma, scale, dx, dt):
   """:func:`_tangents` over blocks of :func:`tile_rows` rows (``lax.map``), each recomputing its
   moments (``jax.checkpoint``): reverse mode then also runs block by block from the cache,
   instead of as whole-array passes with whole-array temporaries."""
-  rows, n = x.shape
-  t = tile_rows(rows, n, x.dtype.itemsize)
+  num_rows, n = x.shape
+  t = tile_rows(num_rows, n, x.dtype.itemsize)
   args = (q, x, gamma, scale, dx, dt)
-  if t >= rows:
+  if t >= num_rows:
     return _tangents(*args)
-  whole = rows - rows % t
+  whole = num_rows - num_rows % t
   blocks = lambda a: a[:whole].reshape(whole // t, t, *a.shape[1:])
   body = jax.checkpoint(lambda a: _tangents(*a))
   dq, dgamma = jax.tree.map(
     lambda a: a.reshape(whole, *a.shape[2:]), jax.lax.map(body, tuple(map(blocks, args)))
   )
-  if whole == rows:
+  if whole == num_rows:
     return dq, dgamma
   dq_tail, dgamma_tail = _tangents(*(a[whole:] for a in args))
   return jnp.concatenate([dq, dq_tail]), jnp.concatenate([dgamma, dgamma_tail])
@@ -334,7 +340,7 @@ def _solve_rows_jvp(cfg, primals, tangents):
     dq, dgamma = _tangents(*args)
   else:
     dq, dgamma = jax.lax.platform_dependent(*args, cpu=_tiled_tangents, default=_tangents)
-  # The integer outputs (with Config.info) are constant: float0 tangents.
+  # The integer outputs (with SolveConfig.info) are constant: float0 tangents.
   constant = lambda a: None if a is None else np.zeros(a.shape, jax.dtypes.float0)
   info = (constant(sol.converged), constant(sol.evaluations))
   return sol, Solution(dq, dgamma, jnp.zeros_like(sol.target_scale), *info)

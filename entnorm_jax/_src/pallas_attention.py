@@ -6,7 +6,7 @@ updates, same solver driver); here every pass over the keys is a kernel whose gr
 
 * ``stats``: row maximum and the exponential-free :class:`RowStats`;
 * ``moments`` (once per solver iteration): the sums ``S_0..S_3`` at the current γ; the
-  per-row step runs between kernels in plain JAX (the core's ``solver.solve``);
+  per-row step runs between kernels in plain JAX (the core's ``iteration.solve``);
 * ``output``: online-softmax attention at the solved γ, plus ``w``, mean and variance for the
   backward pass;
 * backward: a ``dq`` kernel (grid over query blocks) and a ``dk, dv`` kernel (grid over key
@@ -26,15 +26,13 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from entnorm_jax._src.attention_common import block_valid, int_div, inverse_denominator, pad_axis
 from entnorm_jax._src.blockwise_attention import (
-  Config,
+  AttentionConfig,
   Engine,
   MomentAcc,
-  Rows,
-  block_valid,
-  compute_dtype,
+  RowResiduals,
   grad_block,
-  int_div,
   moments_finalize,
   moments_init,
   moments_update,
@@ -42,12 +40,12 @@ from entnorm_jax._src.blockwise_attention import (
   out_finalize,
   out_init,
   out_update,
-  pad_axis,
-  solve_rows,
+  solve_attention_rows,
   stats_finalize,
   stats_init,
   stats_update,
 )
+from entnorm_jax._src.inputs import compute_dtype
 from entnorm_jax._src.moments import RowStats
 
 _MIN_BLOCK = 16  # the smallest tile Triton's dot accepts
@@ -100,7 +98,7 @@ def pallas_block_size(size: int, length: int, name: str) -> int:
 class _Layout:
   """Padded inputs and the BlockSpecs that slice them."""
 
-  def __init__(self, cfg: Config, q, k, v, q_ok, k_ok, mask):
+  def __init__(self, cfg: AttentionConfig, q, k, v, q_ok, k_ok, mask):
     batch, q_len, heads, dim = q.shape
     self.heads, self.groups = heads, heads // k.shape[2]
     self.dim = max(_MIN_BLOCK, pl.next_power_of_2(dim))
@@ -182,7 +180,7 @@ def _mm(a, b, contract, like, prec):
   )
 
 
-def _key_scores(cfg: Config, q, k_ref, k_ok_ref, mask_ref, q_ok, q_pos, j, dtype):
+def _key_scores(cfg: AttentionConfig, q, k_ref, k_ok_ref, mask_ref, q_ok, q_pos, j, dtype):
   """Scores ``[bq, bk]`` of a query tile against key block j, its validity and the key tile."""
   bk = cfg.block_k
   sl = pl.ds(j * bk, bk)
@@ -195,7 +193,7 @@ def _key_scores(cfg: Config, q, k_ref, k_ok_ref, mask_ref, q_ok, q_pos, j, dtype
   return s, block_valid(q_pos, k_pos, q_ok, k_ok_ref[sl] != 0, mask, cfg.is_causal), sl
 
 
-def _query_tile(cfg: Config, q_ref, q_ok_ref):
+def _query_tile(cfg: AttentionConfig, q_ref, q_ok_ref):
   start = pl.program_id(2) * cfg.block_q
   return q_ref[...], q_ok_ref[...] != 0, start + jnp.arange(cfg.block_q), start
 
@@ -255,7 +253,7 @@ def _output_kernel(cfg, n_k, dtype, has_mask, *refs):
     ref[...] = x.astype(ref.dtype)
 
 
-def _pallas_forward(cfg: Config, q, k, v, target, q_ok, k_ok, mask):
+def _pallas_forward(cfg: AttentionConfig, q, k, v, target, q_ok, k_ok, mask):
   lay = _Layout(cfg, q, k, v, q_ok, k_ok, mask)
   n_k, dtype, has_mask = lay.tk // cfg.block_k, lay.dtype, mask is not None
   extra_in = [lay.mask_spec(by_key=False)] if has_mask else []
@@ -290,7 +288,7 @@ def _pallas_forward(cfg: Config, q, k, v, target, q_ok, k_ok, mask):
     return moments_finalize(MomentAcc(*sums), gamma, center, n_ties)
 
   target = pad_axis(jnp.asarray(target, dtype), 2, lay.tq)
-  zmax, gamma, center, free, log_n = solve_rows(
+  zmax, gamma, center, free, log_n = solve_attention_rows(
     stats_pass, moments_pass, target, cfg.relative, cfg.num_iters
   )
   vec = jax.ShapeDtypeStruct(lay.q.shape, dtype)
@@ -303,8 +301,10 @@ def _pallas_forward(cfg: Config, q, k, v, target, q_ok, k_ok, mask):
       lay.q, lay.k, lay.v, lay.q_ok, lay.k_ok, zmax, gamma, center, *extra,
   )  # fmt: skip
   q_len, dim = q.shape[1], q.shape[3]
-  rows = Rows(zmax, gamma, denom, mean, var, free, log_n)
-  rows = Rows(*(r[:, :, :q_len] for r in rows))
+  rows = RowResiduals(
+    zmax=zmax, gamma=gamma, denom=denom, mean=mean, var=var, free=free, log_n=log_n
+  )
+  rows = RowResiduals(*(r[:, :, :q_len] for r in rows))
   return out[:, :q_len, :, :dim], cov[:, :q_len, :, :dim], rows
 
 
@@ -358,11 +358,13 @@ def _dkv_kernel(cfg, n_q, dtype, has_mask, *refs):
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _pallas_backward(cfg: Config, q, k, v, q_ok, k_ok, mask, rows: Rows, coef, delta, d_out):
+def _pallas_backward(
+  cfg: AttentionConfig, q, k, v, q_ok, k_ok, mask, rows: RowResiduals, coef, delta, d_out
+):
   lay = _Layout(cfg, q, k, v, q_ok, k_ok, mask)
   dtype, has_mask = lay.dtype, mask is not None
   d_out = pad_axis(pad_axis(d_out.astype(q.dtype), 3, lay.dim), 1, lay.tq)
-  inv = jnp.where(rows.denom > 0, 1.0 / jnp.where(rows.denom > 0, rows.denom, 1.0), 0.0)
+  inv = inverse_denominator(rows.denom)
   per_row = [pad_axis(r.astype(dtype), 2, lay.tq) for r in (rows.zmax, rows.gamma, inv)]
   per_row += [pad_axis(r.astype(dtype), 2, lay.tq) for r in (rows.mean, coef, delta)]
   extra = [lay.mask] if has_mask else []

@@ -125,7 +125,7 @@ def _kernel(block: Block, x_ref, target_ref, relative_ref, probs_ref, *per_row_r
     ref[...] = value.reshape(per_row)
 
 
-def solve_rows(
+def solve_in_kernel(
   block: Block, x, where, target, relative, *, interpret: bool, tpu: bool = False, info=False
 ):
   """Solves ``[rows, n]`` with ``block`` run inside one Pallas program per block of rows.

@@ -48,7 +48,8 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from entnorm_jax._src import targets
-from entnorm_jax._src.functions import _solve_gamma
+from entnorm_jax._src.functions import _solve_gamma, cross_entropy_of
+from entnorm_jax._src.inputs import broadcasts, check_where, compute_dtype, concrete, output_dtype
 from entnorm_jax._src.targets import Spec
 
 # method -> (required parameters, optional parameters with defaults)
@@ -135,17 +136,10 @@ def mirostat_init(mirostat_tau: ArrayLike, batch_shape: tuple[int, ...] = ()) ->
 # ----------------------------------------------------------------------------------- validation
 
 
-def _concrete(x) -> np.ndarray | None:
-  """The value of ``x`` as NumPy, or ``None`` under a trace (values are checked outside jit)."""
-  if isinstance(x, jax.core.Tracer):
-    return None
-  return np.asarray(x, dtype=np.float64)
-
-
 def _check_range(
   method: str, name: str, value, lo: float, hi: float, lo_open: bool, hi_open: bool
 ) -> None:
-  v = _concrete(value)
+  v = concrete(value)
   if v is None:
     return
   low_bad = v <= lo if lo_open else v < lo
@@ -223,7 +217,7 @@ def _validate(method: str, params: dict[str, Any], batch_shape: tuple[int, ...])
     if name in _STATIC_PARAMS or value is None:
       continue
     shape = np.shape(value)
-    if np.broadcast_shapes(shape, batch_shape) != tuple(batch_shape):
+    if not broadcasts(shape, batch_shape):
       raise ValueError(
         f"{name} of shape {shape} does not broadcast to the batch shape {tuple(batch_shape)} "
         "(logits' shape without the vocabulary axis)"
@@ -260,14 +254,7 @@ def _batch_shape(logits: ArrayLike, where: ArrayLike | None) -> tuple[int, ...]:
   shape = np.shape(logits)
   if len(shape) < 1:
     raise ValueError(f"logits must have a vocabulary axis, got shape {shape}")
-  if where is not None:
-    mask_shape = np.shape(where)
-    try:
-      broadcast = np.broadcast_shapes(mask_shape, shape)
-    except ValueError:
-      broadcast = None
-    if broadcast != tuple(shape):
-      raise ValueError(f"where of shape {mask_shape} does not broadcast to logits of shape {shape}")
+  check_where(where, shape)
   return tuple(shape[:-1])
 
 
@@ -278,7 +265,7 @@ def _rows(logits: ArrayLike, where: ArrayLike | None) -> tuple[jax.Array, jax.Ar
   (a the argmax); in particular ``d_a = 0`` whatever ``z``.
   """
   z = jnp.asarray(logits)
-  z = z.astype(jnp.promote_types(z.dtype, jnp.float32))
+  z = z.astype(compute_dtype(z.dtype))
   valid = z != -jnp.inf  # a NaN is valid: it makes its row NaN
   if where is not None:
     valid = valid & jnp.broadcast_to(jnp.asarray(where), z.shape).astype(bool)
@@ -299,8 +286,7 @@ def _log_softmax(d: jax.Array) -> jax.Array:
 def _entropy(d: jax.Array) -> jax.Array:
   """Entropy (nats) of softmax(d) over the finite entries of each row."""
   log_p = _log_softmax(d)
-  finite = jnp.isfinite(log_p)
-  return -jnp.sum(jnp.where(finite, jnp.exp(log_p) * log_p, 0.0), axis=-1)
+  return cross_entropy_of(jnp.exp(log_p), log_p)
 
 
 def _keep(d: jax.Array, keep: jax.Array) -> jax.Array:
@@ -503,11 +489,6 @@ def _process_jit(logits, where, state, params, *, method, **static):
   return _process(d, valid, method, params | static, state)
 
 
-def _output_dtype(logits):
-  dtype = jnp.result_type(logits)
-  return dtype if jnp.issubdtype(dtype, jnp.floating) else jnp.float32
-
-
 def _renamed_guard(method: str):
   """Makes a helper answer an old parameter name with a ValueError that gives the new one."""
 
@@ -552,7 +533,8 @@ def entropy_logits(
     where: optional boolean mask broadcastable to ``logits``.
 
   Returns:
-    ``[..., n]`` logits in the dtype of ``logits`` (row max 0, ``-inf`` at masked entries).
+    ``[..., n]`` logits in the dtype of ``logits`` (float32 for integer or boolean logits), row
+    max 0, ``-inf`` at masked entries.
 
   Examples:
     >>> import jax.numpy as jnp, entnorm_jax as en
@@ -562,17 +544,17 @@ def entropy_logits(
     1.0
   """
   targets.reject_removed(removed, "entropy_logits")
-  out = process_logits(
-    logits, method="entropy", where=where, target_entropy=target_entropy,
-    target_fraction=target_fraction, min_entropy=min_entropy, max_entropy=max_entropy,
-    min_fraction=min_fraction, max_fraction=max_fraction,
+  return _helper_logits(
+    logits, where, "entropy", target_entropy=target_entropy, target_fraction=target_fraction,
+    min_entropy=min_entropy, max_entropy=max_entropy, min_fraction=min_fraction,
+    max_fraction=max_fraction,
   )  # fmt: skip
-  return out.astype(_output_dtype(logits))
 
 
 def _helper_logits(logits, where, method, **params):
+  """:func:`process_logits` in the dtype of ``logits`` (float32 for integer or boolean logits)."""
   out = process_logits(logits, method=method, where=where, **params)
-  return out.astype(_output_dtype(logits))
+  return out.astype(output_dtype(jnp.result_type(logits)))
 
 
 @_renamed_guard("top_k")
@@ -588,7 +570,8 @@ def top_k_logits(
     where: optional boolean mask broadcastable to ``logits``.
 
   Returns:
-    ``[..., n]`` logits in the dtype of ``logits``: row max 0, ``-inf`` where masked or cut.
+    ``[..., n]`` logits in the dtype of ``logits`` (float32 for integer or boolean logits): row
+    max 0, ``-inf`` where masked or cut.
 
   Raises:
     ValueError: for ``top_k < 1``, the old name ``k=``, or shapes that do not broadcast.
@@ -614,7 +597,8 @@ def top_p_logits(
     where: optional boolean mask broadcastable to ``logits``.
 
   Returns:
-    ``[..., n]`` logits in the dtype of ``logits``: row max 0, ``-inf`` where masked or cut.
+    ``[..., n]`` logits in the dtype of ``logits`` (float32 for integer or boolean logits): row
+    max 0, ``-inf`` where masked or cut.
 
   Raises:
     ValueError: for a value out of range, the old name ``p=``, or shapes that do not broadcast.
@@ -645,7 +629,8 @@ def min_p_logits(
     where: optional boolean mask broadcastable to ``logits``.
 
   Returns:
-    ``[..., n]`` logits in the dtype of ``logits``: row max 0, ``-inf`` where masked or cut.
+    ``[..., n]`` logits in the dtype of ``logits`` (float32 for integer or boolean logits): row
+    max 0, ``-inf`` where masked or cut.
 
   Raises:
     ValueError: for a value out of range, the old name ``p=``, or shapes that do not broadcast.
@@ -673,8 +658,8 @@ def typical_logits(
     where: optional boolean mask broadcastable to ``logits``.
 
   Returns:
-    ``[..., n]`` logits in the dtype of ``logits``: shifted so the row's largest *logit* is 0
-    (even if cut), ``-inf`` where masked or cut.
+    ``[..., n]`` logits in the dtype of ``logits`` (float32 for integer or boolean logits):
+    shifted so the row's largest *logit* is 0 (even if cut), ``-inf`` where masked or cut.
 
   Raises:
     ValueError: for a value out of range, the old name ``p=``, or shapes that do not broadcast.
@@ -699,7 +684,8 @@ def eta_logits(
     where: optional boolean mask broadcastable to ``logits``.
 
   Returns:
-    ``[..., n]`` logits in the dtype of ``logits``: row max 0, ``-inf`` where masked or cut.
+    ``[..., n]`` logits in the dtype of ``logits`` (float32 for integer or boolean logits): row
+    max 0, ``-inf`` where masked or cut.
 
   Raises:
     ValueError: for a value out of range, the old name ``epsilon=``, or shapes that do not
@@ -936,6 +922,6 @@ def _generate_jit(
     return (jnp.asarray(logits, d.dtype), state, sampler_state), (tokens, log_p, entropy)
 
   keys = jax.random.split(key, max_new_tokens)
-  carry = (logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), state, sampler_state)
+  carry = (logits.astype(compute_dtype(logits.dtype)), state, sampler_state)
   (_, state, sampler_state), (tokens, log_probs, entropies) = jax.lax.scan(body, carry, keys)
   return Generation(tokens.T, log_probs.T, entropies.T, state, sampler_state)

@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from entnorm_jax._src.inputs import broadcasts, concrete
+
 EXACT = ("target_entropy", "target_fraction")
 BOUNDS = ("min_entropy", "max_entropy", "min_fraction", "max_fraction")
 KEYWORDS = EXACT + BOUNDS
@@ -86,20 +88,10 @@ def reject_removed(kwargs: dict[str, Any], where: str) -> None:
     raise TypeError(f"{where}() got unexpected keyword argument(s) {sorted(kwargs)}")
 
 
-def _concrete(value) -> np.ndarray | None:
-  """``value`` as NumPy float64, or ``None`` under a trace."""
-  if isinstance(value, jax.core.Tracer):
-    return None
-  try:
-    return np.asarray(value, dtype=np.float64)
-  except (TypeError, ValueError):
-    return None
-
-
 def check_value(name: str, value) -> None:
   """Raises if a concrete ``value`` of keyword ``name`` has no meaning in its unit (NaN passes:
   it gives a NaN row)."""
-  v = _concrete(value)
+  v = concrete(value)
   if v is None:
     return
   if _is_fraction(name):
@@ -122,13 +114,16 @@ def _show(v: np.ndarray, bad: np.ndarray):
   return float(v) if v.ndim == 0 else np.unique(v[bad])[:5].tolist()
 
 
-def parse(where: str, default: str | None = None, default_value=None, **given) -> tuple[Any, Spec]:
+def parse(
+  where: str, default: str | None = None, default_value=None, *, removed=None, **given
+) -> tuple[Any, Spec]:
   """The target of a call from its keywords (those not given are ``None``).
 
   Args:
     where: the function's name, for messages.
     default: the keyword assumed when none is given (``None``: one is required).
     default_value: its value.
+    removed: the call's other keywords (its ``**removed``), rejected by :func:`reject_removed`.
     **given: the values of :data:`KEYWORDS`.
 
   Returns:
@@ -137,8 +132,11 @@ def parse(where: str, default: str | None = None, default_value=None, **given) -
 
   Raises:
     ValueError: for none or several of the exact keywords, an exact target with bounds, two bounds
-      of one side, a value with no meaning in its unit, or a floor above a ceiling.
+      of one side, a value with no meaning in its unit, a floor above a ceiling, or a removed
+      keyword (naming its replacement).
+    TypeError: for an unknown keyword in ``removed``.
   """
+  reject_removed(removed or {}, where)
   named = {n: v for n, v in given.items() if v is not None}
   exact = [n for n in EXACT if n in named]
   bounds = [n for n in BOUNDS if n in named]
@@ -172,7 +170,7 @@ def parse(where: str, default: str | None = None, default_value=None, **given) -
   lo = named.get(lo_name, 0.0)
   hi = named.get(hi_name, math.inf)
   if _is_fraction(lo_name) == _is_fraction(hi_name):
-    lo_v, hi_v = _concrete(lo), _concrete(hi)
+    lo_v, hi_v = concrete(lo), concrete(hi)
     if lo_v is not None and hi_v is not None and np.any(lo_v > hi_v):
       raise ValueError(f"{where}: {lo_name}={lo} lies above {hi_name}={hi}")
   spec = Spec((lo_name, hi_name), (_is_fraction(lo_name), _is_fraction(hi_name)))
@@ -199,11 +197,7 @@ def per_row(value, spec: Spec, batch: tuple[int, ...], dtype, *, heads: int | No
           f"a 1-D {name} holds one value per head: it needs {heads} values, got shape {v.shape}"
         )
       v = v[:, None]
-    try:
-      ok = np.broadcast_shapes(v.shape, batch) == tuple(batch)
-    except ValueError:
-      ok = False
-    if not ok:
+    if not broadcasts(v.shape, batch):
       raise ValueError(
         f"{name} of shape {shape} does not broadcast to the batch shape {tuple(batch)} "
         "(the logits' shape without the normalized axis)"

@@ -1,0 +1,233 @@
+"""The first guess for γ*, from statistics that need no exponential.
+
+Near the uniform end log n - H(γ) ≈ γ² V_0 / 2 (V_0 the plain variance of the row). From there the
+guess solves a two-part model of the row (:class:`_Model`: its maxima, and a Gaussian bulk cut at
+the gap below them) for the target; rows beyond the model's range are in the argmax regime, where
+the m ties and the next value decide (:func:`_binary_model_gamma`). Rows whose target is at an edge
+(or that are empty, or hold a NaN) get their final γ here and are never stepped.
+
+Per-row work only, independent of the row length: the model's Newton steps run as ``fori_loop``s
+(one call of the model each, compiled once).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from entnorm_jax._src.backends import any_of, flag, log_phi
+from entnorm_jax._src.bounds import Bounds, tolerance
+from entnorm_jax._src.moments import RowStats
+
+# At most a factor 16 per step upwards (the model's steps and the iteration's).
+MAX_LOG_GROWTH = float(np.log(16.0))
+_HALF_LOG_2PI = float(0.5 * np.log(2 * np.pi))
+
+
+class _Model(NamedTuple):
+  """A two-part model of a row: its m maxima at 0, and n - m Gaussian values below the gap.
+
+  The values below the maximum are taken as draws from N(μ, s²) (their mean and variance)
+  conditioned on d <= -gap, the observed second value. At γ, with β = (-gap - μ)/s,
+  a = β - γ s and λ = φ(a)/Φ(a) (the inverse Mills ratio), the tilted bulk has
+
+      log E[e^{γ d}] = γ μ + (γ s)²/2 + log Φ(a) - log Φ(β),
+      mean M = μ + γ s² - s λ,      variance W = s² (1 - a λ - λ²),
+
+  and the mixture (weight w of the bulk, 1 - w at 0) has H - log m = log1p(S_b/m) - γ w M and
+  V = w W + w (1 - w) M². It is exact for the infinite Gaussian and for m ties plus one value,
+  and sees what both end-point models miss: a finite row runs out of large values.
+  """
+
+  log_m: jax.Array
+  m: jax.Array
+  rest: jax.Array  # n - m
+  mu: jax.Array
+  s: jax.Array
+  beta: jax.Array
+  log_phi_beta: jax.Array
+
+  @classmethod
+  def of(cls, stats: RowStats, bounds: Bounds):
+    n, m = stats.n_valid, jnp.maximum(stats.n_ties, 1.0)
+    rest = jnp.maximum(n - m, 1.0)
+    mu = stats.mean * n / rest  # the maxima are 0
+    # Σ_rest (d - μ)² = n V_0 + n (mean - μ)² - m μ² (the maxima's share removed).
+    ss = n * stats.var + n * jnp.square(stats.mean - mu) - m * mu * mu
+    s = jnp.sqrt(jnp.maximum(ss / rest, 0.0))
+    s = jnp.where(s > 0, s, 1.0)
+    gap = jnp.where(jnp.isfinite(stats.gap), stats.gap, 0.0)
+    beta = (-gap - mu) / s
+    return cls(bounds.log_m, m, rest, mu, s, beta, log_phi(beta))
+
+  def at(self, gamma):
+    """``(H - log m, V, mean)`` of the model at γ."""
+    a = self.beta - gamma * self.s
+    log_phi_a = log_phi(a)
+    mills = jnp.exp(-0.5 * a * a - _HALF_LOG_2PI - log_phi_a)
+    log_e = gamma * self.mu + 0.5 * jnp.square(gamma * self.s) + log_phi_a - self.log_phi_beta
+    mean_b = self.mu + gamma * self.s * self.s - self.s * mills
+    var_b = self.s * self.s * jnp.maximum(1.0 - a * mills - mills * mills, 1e-6)
+    ratio = self.rest / self.m * jnp.exp(log_e)
+    weight = ratio / (1.0 + ratio)  # of the bulk
+    excess = jnp.log1p(ratio) - gamma * weight * mean_b
+    var = weight * var_b + weight * (1.0 - weight) * mean_b * mean_b
+    return excess, var, weight * mean_b
+
+
+def _binary_model_gamma(n_ties, gap, target, log_m):
+  """γ at which m ties at 0 plus one entry at -gap have entropy ``target``.
+
+  With x = γ·gap, r = e^{-x}, p = r / (m + r): H(x) - log m = log1p(r/m) + x p, falling from
+  log(1 + 1/m) to 0. Newton on log(H - log m) in a loop (per-row work, independent of n), from the
+  large-x solution of r (1 + x) = m (H_t - log m). Rows whose target is above log(m + 1) get 0.
+  """
+  m = jnp.maximum(n_ties, 1.0)
+  excess = target - log_m
+  reachable = (excess > 0) & (excess < jnp.log1p(1.0 / m))
+  log_goal = jnp.log(jnp.where(reachable, excess, 1.0))
+  x = jnp.maximum(-jnp.log(m) - log_goal, 1e-3)
+  x = jnp.maximum(jnp.log1p(x) - jnp.log(m) - log_goal, 1e-3)
+
+  def newton(_, x):
+    r = jnp.exp(-x)
+    p = r / (m + r)
+    e = jnp.log1p(r / m) + x * p
+    slope = -x * p * (1.0 - p) / e  # d log(e) / dx
+    return jnp.clip(x - (jnp.log(e) - log_goal) / slope, 1e-3, 120.0)
+
+  x = jax.lax.fori_loop(0, 4, newton, x)
+  return jnp.where(reachable & jnp.isfinite(gap) & (gap > 0), x / gap, 0.0)
+
+
+# The model is used while its tilted bulk is cut at most this many deviations above its mean
+# (a >= -_MODEL_DEPTH); beyond, float32 loses its variance to cancellation and the row is in the
+# argmax regime anyway.
+_MODEL_DEPTH = 4.0
+
+
+def _model_gamma(model: _Model, bounds: Bounds, target, gamma, steps: int = 1):
+  """Solves the :class:`_Model` for ``target`` by safeguarded Newton steps (per-row work,
+  independent of n), from ``gamma``: on ``log(log n - H)`` against ``log γ`` while the model's
+  entropy is above the target, on ``log(H - log m)`` against ``γ`` below it.
+
+  One step by default: three gave the same number of evaluations per block of rows (16 to 1024
+  entries, ``benchmarks.core``), and at a few dozen entries a step of the model costs about as
+  much as a pass over the row.
+
+  Returns:
+    ``(gamma, mean, reached)``: the model's γ, its mean of d before the last step (a centre for
+    the first moments), and whether the target lies within the model's range (else γ is its
+    upper end).
+  """
+  cap = jnp.minimum(bounds.gamma_hi, (model.beta + _MODEL_DEPTH) / model.s)
+  goal_u = jnp.log(bounds.log_n - target)
+  goal_w = jnp.log(target - bounds.log_m)
+
+  def newton(i, carry):
+    # Pass 0 measures the model at its upper end (is the target within its range?); the others
+    # take a step from γ. One call of the model in the loop body: it is compiled once.
+    gamma, lo, hi, reached, mean = carry
+    at_cap = i == 0
+    point = jnp.where(at_cap, cap, gamma)
+    excess, var, mean = model.at(point)
+    entropy = bounds.log_m + excess
+    # An int32 flag, not a boolean (see backends.flag).
+    reached = jnp.where(at_cap, flag(entropy < target), reached)
+    high = entropy > target
+    lo = jnp.where(high & ~at_cap, jnp.maximum(lo, gamma), lo)
+    hi = jnp.where(high | at_cap, hi, jnp.minimum(hi, gamma))
+    deficit = bounds.log_n - entropy
+    step_u = (jnp.log(deficit) - goal_u) / (gamma * gamma * var / deficit)
+    up = gamma * jnp.exp(jnp.clip(-step_u, -MAX_LOG_GROWTH, MAX_LOG_GROWTH))
+    down = gamma + (jnp.log(excess) - goal_w) / (gamma * var / excess)
+    new = jnp.where(high, up, down)
+    in_bracket = (new >= lo) & (new <= hi) & jnp.isfinite(new)
+    new = jnp.where(in_bracket, new, jnp.where(lo > 0, jnp.sqrt(lo) * jnp.sqrt(hi), 0.5 * hi))
+    return jnp.where(at_cap, gamma, new), lo, hi, reached, mean
+
+  gamma = jnp.clip(gamma, 0.0, cap)
+  init = (
+    gamma,
+    jnp.zeros_like(gamma),
+    cap,
+    jnp.zeros(gamma.shape, jnp.int32),
+    jnp.zeros_like(gamma),
+  )
+  gamma, _, _, reached, mean = jax.lax.fori_loop(0, steps + 1, newton, init)
+  reached = reached != 0
+  return jnp.where(reached, gamma, cap), mean, reached
+
+
+class Start(NamedTuple):
+  """The first iterate of each row: γ, the centre for its moments, and whether it is final."""
+
+  gamma: jax.Array
+  center: jax.Array
+  fixed: jax.Array  # an edge row (clamped target, empty or NaN): γ is the answer, no steps
+
+
+def initial_gamma(stats: RowStats, bounds: Bounds, target: jax.Array, lazy: bool = False) -> Start:
+  """First guess for γ* from exponential-free statistics; edges get their final γ.
+
+  Near the uniform end log n - H(γ) ≈ γ² V_0 / 2 (V_0 the plain variance); from there the guess
+  solves the row's :class:`_Model`. The first moments are centred on the model's mean (a centre
+  far from q's mean cancels the variance away in float32). ``target`` must already be clamped to
+  [log m, log n]; ``lazy`` as in :func:`start`.
+  """
+  deficit = jnp.maximum(bounds.log_n - target, 0.0)
+  gamma = jnp.sqrt(2.0 * deficit / jnp.where(stats.var > 0, stats.var, 1.0))
+  gamma = jnp.minimum(gamma, bounds.gamma_hi)
+  model_gamma, center, reached = _model_gamma(_Model.of(stats, bounds), bounds, target, gamma)
+  ok = jnp.isfinite(model_gamma) & (model_gamma > 0) & jnp.isfinite(center)
+  gamma = jnp.where(ok, model_gamma, gamma)
+  # Beyond the model's range: the argmax regime, where m ties and the next value decide.
+  argmax = ~(ok & reached)
+  binary = lambda: _binary_model_gamma(stats.n_ties, stats.gap, target, bounds.log_m)
+  if lazy:  # few blocks hold a row in the argmax regime: the others skip its model
+    gamma_argmax = jax.lax.cond(any_of(argmax), binary, lambda: jnp.zeros_like(gamma))
+  else:
+    gamma_argmax = binary()
+  gamma = jnp.where(argmax, jnp.minimum(jnp.maximum(gamma, gamma_argmax), bounds.gamma_hi), gamma)
+  # q's mean rises with γ from the plain mean (γ = 0) to the maximum, 0 (γ → ∞).
+  center = jnp.where(argmax, 0.0, jnp.where(ok, center, stats.mean))
+  center = jnp.clip(center, stats.mean, 0.0)
+  tol = tolerance(bounds, target.dtype)  # see bounds.inside()
+  at_argmax = target <= bounds.log_m + tol
+  at_uniform = target >= bounds.log_n - tol  # also empty and all-tied rows (log m = log n)
+  gamma = jnp.where(at_argmax, bounds.gamma_hi, gamma)
+  gamma = jnp.where(at_uniform, 0.0, gamma)
+  # A valid NaN makes the row maximum NaN, and a NaN target has no solution: propagate either to
+  # γ (and so to the row's output), never to a uniform row.
+  nan = jnp.isnan(stats.mean) | jnp.isnan(target)
+  gamma = jnp.where(nan, jnp.nan, gamma)
+  fixed = at_argmax | at_uniform | nan
+  return Start(gamma, center, fixed)
+
+
+def start(
+  stats: RowStats,
+  bounds: Bounds,
+  target: jax.Array,
+  held: jax.Array | None = None,
+  held_gamma=1.0,
+  held_center=None,
+  *,
+  lazy: bool = False,
+) -> tuple[jax.Array, Start]:
+  """The target clamped to [log m, log n], and the :class:`Start` of each row.
+
+  Rows flagged ``held`` (inside their entropy bounds) start, and stay, at ``held_gamma`` (γ = 1
+  in the caller's units), centred on ``held_center`` (their mean there) when given. With
+  ``lazy``, the argmax-regime model runs only in blocks that hold such a row (a ``cond``: not in
+  the Pallas kernels, whose registers it would cost).
+  """
+  target = jnp.clip(target, bounds.log_m, bounds.log_n)
+  first = initial_gamma(stats, bounds, target, lazy)
+  if held is not None:
+    center = first.center if held_center is None else jnp.where(held, held_center, first.center)
+    first = Start(jnp.where(held, held_gamma, first.gamma), center, first.fixed | held)
+  return target, first
