@@ -306,15 +306,10 @@ def report(name: str, result: dict, markdown: Callable, plot: Callable | None, o
   print(f"wrote {pathlib.Path(out_dir) / name}.json, .md" + "".join(f", {p.name}" for p in written))
 
 
-def module_main(
-  name: str, doc: str, run: Callable, markdown: Callable, plot: Callable | None, argv=None
-):
+def module_parser(name: str, doc: str, plot: Callable | None) -> argparse.ArgumentParser:
   """The command line of a benchmark module:
-  ``python -m benchmarks.NAME [--quick] [--out DIR] [--plot-only]``.
-
-  Results go where :func:`out_dir` says; ``--plot-only`` redraws the figures from the saved
-  NAME.json in that folder (default :data:`RESULTS_DIR`) without running anything.
-  """
+  ``python -m benchmarks.NAME [--quick] [--out DIR] [--plot-only]`` (a module may add arguments of
+  its own, as the ones that measure in a child process do)."""
   parser = argparse.ArgumentParser(description=doc.splitlines()[0])
   parser.add_argument("--quick", action="store_true", help="smaller sizes, fewer repeats")
   parser.add_argument(
@@ -326,10 +321,25 @@ def module_main(
     parser.add_argument(
       "--plot-only", action="store_true", help=f"redraw {name}.png from the saved {name}.json"
     )
-  args = parser.parse_args(argv)
+  return parser
+
+
+def module_run(name: str, args: argparse.Namespace, run: Callable, markdown: Callable, plot):
+  """Runs a benchmark module as :func:`module_parser`'s ``args`` ask: results go where
+  :func:`out_dir` says; ``--plot-only`` redraws the figures from the saved NAME.json in that folder
+  (default :data:`RESULTS_DIR`) without running anything."""
   if getattr(args, "plot_only", False):
     for path in replot(name, plot, args.out):
       print(f"wrote {path}")
     return
   quick = args.quick or quick_from_env()
   report(name, run(quick=quick), markdown, plot, out_dir(args.out, quick))
+
+
+def module_main(
+  name: str, doc: str, run: Callable, markdown: Callable, plot: Callable | None, argv=None
+):
+  """``python -m benchmarks.NAME [--quick] [--out DIR] [--plot-only]``: :func:`module_parser`,
+  then :func:`module_run`."""
+  args = module_parser(name, doc, plot).parse_args(argv)
+  module_run(name, args, run, markdown, plot)

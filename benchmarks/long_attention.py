@@ -21,7 +21,6 @@ Run ``python -m benchmarks.long_attention [--quick] [--out DIR] [--plot-only]``;
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import subprocess
@@ -288,10 +287,7 @@ def plot(result: dict, out_dir) -> pathlib.Path:
 
 
 def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--quick", action="store_true")
-  parser.add_argument("--out", help="folder for long_attention.json/.md/.png (common.out_dir)")
-  parser.add_argument("--plot-only", action="store_true", help="redraw from the saved JSON")
+  parser = common.module_parser("long_attention", __doc__, plot)
   parser.add_argument("--child", nargs=2, metavar=("IMPLEMENTATION", "LENGTH"))
   parser.add_argument("--full", action="store_true", help="(child) non-causal attention")
   args = parser.parse_args(argv)
@@ -299,12 +295,7 @@ def main(argv=None) -> None:
     impl, n = args.child
     print(json.dumps(measure_here(impl, int(n), causal=not args.full)))
     return
-  if args.plot_only:
-    for path in common.replot("long_attention", plot, args.out):
-      print(f"wrote {path}")
-    return
-  quick = args.quick or common.quick_from_env()
-  common.report("long_attention", run(quick=quick), markdown, plot, common.out_dir(args.out, quick))
+  common.module_run("long_attention", args, run, markdown, plot)
 
 
 if __name__ == "__main__":

@@ -156,10 +156,7 @@ def plot(result: dict, out_dir) -> list[pathlib.Path]:
 
 
 def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--quick", action="store_true", help="fewer iteration counts, smaller input")
-  parser.add_argument("--out", help="folder for memory.json/.md/.png (see common.out_dir)")
-  parser.add_argument("--plot-only", action="store_true", help="redraw from the saved JSON")
+  parser = common.module_parser("memory", __doc__, plot)
   parser.add_argument("--child", nargs=2, metavar=("METHOD", "ITERS"), help=argparse.SUPPRESS)
   parser.add_argument("--shape", nargs=2, type=int, default=(64, 8192), help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
@@ -167,12 +164,7 @@ def main(argv=None) -> None:
     method, iters = args.child
     print(json.dumps(measure_here(method, int(iters), tuple(args.shape))))
     return
-  if args.plot_only:
-    for path in common.replot("memory", plot, args.out):
-      print(f"wrote {path}")
-    return
-  quick = args.quick or common.quick_from_env()
-  common.report("memory", run(quick=quick), markdown, plot, common.out_dir(args.out, quick))
+  common.module_run("memory", args, run, markdown, plot)
 
 
 if __name__ == "__main__":
