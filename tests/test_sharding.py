@@ -105,12 +105,9 @@ def _run(script: str, expect: str) -> None:
   assert expect in out.stdout
 
 
-def test_linen_module_sharded_over_batch_and_heads():
-  _run(_LINEN, "linen ok")
-
-
-def test_nnx_module_sharded_over_batch_and_heads():
-  _run(_NNX, "nnx ok")
+def test_linen_and_nnx_modules_sharded_over_batch_and_heads():
+  # One subprocess for both (JAX and Flax start once); each script prints its own line.
+  _run(_LINEN + _NNX, "linen ok\nnnx ok")
 
 
 _CONTEXT = """

@@ -46,7 +46,7 @@ Which layout runs where (:func:`normalize._layout`; ``implementation=``):
 
 * ``"tiled"``, the CPU default: blocks of about 2 MiB of rows, one after another; rows of up to
   1024 entries held in the lanes layout (:func:`moments.lane_shape`), where every evaluation is a
-  full one (one variadic reduction);
+  full one (one variadic reduction) and anchors its own step;
 * ``"xla"``, the TPU default: whole-array passes;
 * ``"pallas"``, the CUDA default: :mod:`pallas_core`'s fused kernel (Triton on GPUs, Mosaic on TPUs
   when asked, interpreted on CPUs).

@@ -15,8 +15,9 @@ the *anchor*; the step from it is the third-order inverse-Taylor (Chebyshev) ste
 evaluation gives only F at a new point; the step from it inverts the cubic through the anchor's
 value and two derivatives and the new value (inverse Hermite interpolation). Light evaluations cost
 half as much, and one is enough to confirm a row that the previous step brought within a few
-hundredths of a nat of its target. A bracket on γ is kept from monotonicity; a step that leaves
-it is replaced by geometric bisection.
+hundredths of a nat of its target. Where every evaluation is a full one (the lanes layout of short
+rows, ``every_full``), each is the anchor of its own step. A bracket on γ is kept from
+monotonicity; a step that leaves it is replaced by geometric bisection.
 
 Per-row work (the step algebra) is written as a loop whose body is compiled once: the first
 evaluation (at the first guess, :mod:`entnorm_jax._src.first_guess`) is the loop's first pass. At
@@ -93,12 +94,13 @@ def _derivatives(high, gamma, mom: Moments, bounds: Bounds):
 
 
 def _observe(
-  state: _State, mom: Moments, full, target, bounds: Bounds, tol, fixed, counted
+  state: _State, mom: Moments, full, target, bounds: Bounds, tol, fixed, counted, every_full=False
 ) -> _State:
   """Folds an evaluation at ``state.gamma`` into the state: bracket, convergence, anchor.
 
   ``counted`` (int32) is 0 for rows that are done (not evaluated again): their evaluation count
-  stays, and the caller keeps the rest of what is read of them."""
+  stays, and the caller keeps the rest of what is read of them. With ``every_full`` (static: every
+  evaluation is a full one) each evaluation is the next anchor, and no light one is asked for."""
   g = state.gamma
   too_high = mom.entropy > target  # γ too small
   error = jnp.abs(mom.entropy - target)
@@ -109,10 +111,12 @@ def _observe(
   # rows that asked for it, or have none yet. A row that did not ask keeps its anchor whatever
   # its block's evaluation was, so that its steps depend on its own values alone: a row's γ does
   # not depend on the rows it is solved with.
-  renew = full & ((state.wants_full != 0) | jnp.isnan(state.f_a))
+  renew = True if every_full else full & ((state.wants_full != 0) | jnp.isnan(state.f_a))
   # Derivatives are wanted far from the target, and where the last step did not halve the error
   # (a stale anchor).
-  wants_full = flag((error > LIGHT_WITHIN) | ~(error <= 0.5 * state.error))
+  wants_full = state.wants_full
+  if not every_full:
+    wants_full = flag((error > LIGHT_WITHIN) | ~(error <= 0.5 * state.error))
   high = jnp.where(renew, flag(too_high), state.high)
   tau, f = _coordinates(high != 0, g, mom, target, bounds)
   f1, f2 = _derivatives(high != 0, g, mom, bounds)
@@ -135,8 +139,9 @@ def _observe(
   )
 
 
-def _step(state: _State) -> jax.Array:
-  """The next γ of every row that is not done (done rows keep theirs)."""
+def _step(state: _State, every_full: bool = False) -> jax.Array:
+  """The next γ of every row that is not done (done rows keep theirs); with ``every_full`` (the
+  last evaluation was the anchor) the step from the anchor alone."""
   b1 = 1.0 / state.f1_a
   b2 = -state.f2_a * b1 * b1 * b1 / 2.0
   dz = -state.f_a  # from the anchor's value to 0
@@ -144,17 +149,18 @@ def _step(state: _State) -> jax.Array:
   # At the anchor: the inverse-Taylor step, between 1/2 and 2 Newton steps (the direction of a
   # monotone F's Newton step is right even where its curvature is large).
   factor = 1.0 + jnp.clip(b2 * dz / b1, -0.5, 1.0)
-  at_anchor = state.tau_a + newton * factor
-  # After a light evaluation: the inverse cubic through the anchor (value, 2 derivatives) and the
-  # new point.
+  tau = state.tau_a + newton * factor
   g = state.gamma
   log_g = jnp.log(g)
-  here = jnp.where(state.high != 0, log_g, g)  # the coordinate at gamma
-  dl = state.f - state.f_a
-  safe_dl = jnp.where(dl != 0, dl, 1.0)
-  b3 = (here - state.tau_a - b1 * dl - b2 * dl * dl) / (safe_dl * safe_dl * safe_dl)
-  hermite = state.tau_a + newton + b2 * dz * dz + b3 * dz * dz * dz
-  tau = jnp.where((here == state.tau_a) | (dl == 0), at_anchor, hermite)
+  if not every_full:
+    # After a light evaluation: the inverse cubic through the anchor (value, 2 derivatives) and
+    # the new point.
+    here = jnp.where(state.high != 0, log_g, g)  # the coordinate at gamma
+    dl = state.f - state.f_a
+    safe_dl = jnp.where(dl != 0, dl, 1.0)
+    b3 = (here - state.tau_a - b1 * dl - b2 * dl * dl) / (safe_dl * safe_dl * safe_dl)
+    hermite = state.tau_a + newton + b2 * dz * dz + b3 * dz * dz * dz
+    tau = jnp.where((here == state.tau_a) | (dl == 0), tau, hermite)
   # At most a factor 16 per step upwards: from a plateau (near-ties) the local slope predicts
   # far too much, and one-hot overshoots cancel V away, which would stall the next steps.
   proposal = jnp.where(state.high != 0, jnp.exp(jnp.minimum(tau, log_g + MAX_LOG_GROWTH)), tau)
@@ -187,7 +193,15 @@ Evaluate = Callable[[jax.Array, jax.Array, jax.Array, object], tuple[Moments, ja
 
 
 def solve(
-  bounds: Bounds, target: jax.Array, first: Start, evaluate: Evaluate, aux, *, num_iters, info=False
+  bounds: Bounds,
+  target: jax.Array,
+  first: Start,
+  evaluate: Evaluate,
+  aux,
+  *,
+  num_iters,
+  info=False,
+  every_full=False,
 ):
   """Solves every row; the loop runs until all are on target.
 
@@ -209,6 +223,9 @@ def solve(
       steps (k + 1 full evaluations), converged rows keeping their γ.
     info: also count each row's evaluations and report the :class:`SolveInfo` (static; off, the
       loop carries no counter: at short rows every per-row value costs time).
+    every_full: ``evaluate`` always gives the derivatives (static; the lanes layout, whose every
+      pass yields all four sums): each evaluation anchors a third-order step of its own, and the
+      per-row work of light evaluations (the inverse cubic, the choice of mode) is left out.
 
   Returns:
     ``(gamma, center, info, aux)``: γ of the last evaluation of each row, with the edges applied
@@ -242,7 +259,7 @@ def solve(
   def visit(state, mode, stuck, aux):
     mom, full, aux = evaluate(state.gamma, state.center, mode, aux)
     keep = mode == SKIP
-    seen = _observe(state, mom, full, target, bounds, tol, stuck, flag(~keep))
+    seen = _observe(state, mom, full, target, bounds, tol, stuck, flag(~keep), every_full)
     # A done row's γ stays (see _step), but its moments may be anything (its block's pass may
     # skip it): what is read of it after the loop (done, error, centre) is kept; the rest of its
     # state is never read again.
@@ -264,10 +281,10 @@ def solve(
     # compiled once instead of a first visit of its own.
     count, state, aux = carry
     first_pass = count == 0
-    gamma = jnp.where(first_pass, state.gamma, _step(state))
+    gamma = jnp.where(first_pass, state.gamma, _step(state, every_full))
     # A step that rounds to nothing leaves the row where this precision lets it be.
     stuck = (gamma == state.gamma) & ~first_pass
-    wants_full = state.wants_full != 0 if adaptive else True
+    wants_full = state.wants_full != 0 if adaptive and not every_full else True
     mode = jnp.where(state.done != 0, SKIP, jnp.where(wants_full, FULL, LIGHT)).astype(jnp.int32)
     state, aux = visit(state._replace(gamma=gamma), mode, first.fixed | stuck, aux)
     return count + 1, state, aux

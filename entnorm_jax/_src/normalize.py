@@ -143,7 +143,9 @@ def _solve_block(x, where, target, relative, num_iters, info=False, lanes=False)
   held = () if natural is None else (aim.held, one)
   first = start(stats, bounds, aim.nats, *held, lazy=lanes)
   aux = () if lanes else (logits.d, stats.n_valid)
-  gamma, _, report, aux = solve(bounds, *first, evaluate_rows, aux, num_iters=num_iters, info=info)
+  gamma, _, report, aux = solve(
+    bounds, *first, evaluate_rows, aux, num_iters=num_iters, info=info, every_full=lanes
+  )
   if lanes:  # the weights at the last γ, once more
     probs = distribution(logits, gamma, x.shape[-1])
   else:
