@@ -9,7 +9,7 @@ import pytest
 from conftest import float64, float64_arrays, tolerance
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from references import entropy64, seed_reference
+from references import entropy64, seed_reference, softmax64
 
 import entnorm_jax as en
 from entnorm_jax._src.iteration import MAX_EVALUATIONS
@@ -105,6 +105,24 @@ def test_short_rows_take_few_passes():
   for info in jax.jit(lambda xs: [solve(x) for x in xs])(xs):
     assert np.all(info.converged)
     assert info.evaluations.max() <= 7, np.bincount(np.asarray(info.evaluations))
+
+
+def test_tiny_rows_are_rescaled_in_every_layout():
+  # Rows whose values lie within 1e-24 of each other: their squares underflow unless the row is
+  # solved scaled by a power of two (in the lanes layout before its statistics, in the others by
+  # a cond after them): 2 to 5 passes. Unscaled, they converge through bisection in 16 to 24.
+  rng = np.random.default_rng(8)
+  x = jnp.asarray(3e-25 * rng.normal(size=(6, 16)), jnp.float32)
+  fractions = jnp.asarray([0.05, 0.2, 0.5, 0.8, 0.95, 0.99], jnp.float32)
+  solve = lambda impl: en.solve_gamma(
+    x, target_fraction=fractions, return_info=True, implementation=impl
+  )
+  (g_lanes, lanes), (g_xla, xla) = jax.jit(lambda: [solve("tiled"), solve("xla")])()
+  x64 = np.asarray(x, np.float64)
+  for gamma, info in ((g_lanes, lanes), (g_xla, xla)):
+    assert np.all(info.converged) and info.evaluations.max() <= 6, info.evaluations
+    entropy = entropy64(softmax64(np.asarray(gamma, np.float64)[:, None] * x64))
+    np.testing.assert_allclose(entropy, np.asarray(fractions) * np.log(16), atol=1e-5)
 
 
 def test_seed_example_matches_numpy_reference():

@@ -6,8 +6,8 @@ the gap below them) for the target; rows beyond the model's range are in the arg
 the m ties and the next value decide (:func:`_binary_model_gamma`). Rows whose target is at an edge
 (or that are empty, or hold a NaN) get their final γ here and are never stepped.
 
-Per-row work only, independent of the row length: the model's Newton steps run as ``fori_loop``s
-(one call of the model each, compiled once).
+Per-row work only, independent of the row length: the row model's Newton steps run as a
+``fori_loop`` (one call of the model, compiled once); the argmax-regime model is in closed form.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from entnorm_jax._src.backends import any_of, flag, log_phi
+from entnorm_jax._src.backends import flag, log_phi
 from entnorm_jax._src.bounds import Bounds, tolerance
 from entnorm_jax._src.moments import RowStats
 
@@ -82,24 +82,21 @@ def _binary_model_gamma(n_ties, gap, target, log_m):
   """γ at which m ties at 0 plus one entry at -gap have entropy ``target``.
 
   With x = γ·gap, r = e^{-x}, p = r / (m + r): H(x) - log m = log1p(r/m) + x p, falling from
-  log(1 + 1/m) to 0. Newton on log(H - log m) in a loop (per-row work, independent of n), from the
-  large-x solution of r (1 + x) = m (H_t - log m). Rows whose target is above log(m + 1) get 0.
+  log(1 + 1/m) to 0. For r << m it is r (1 + x) / m, whose solution is the fixed point of
+  x = log(1 + x) - log m - log(H_t - log m); three steps from x = -log m - log(H_t - log m), in
+  closed form (per-row work, independent of n). Rows whose target is above log(m + 1) get 0.
+
+  Four Newton steps on the exact equation after them (a loop, run by blocks holding such rows)
+  took as many passes at most on low-entropy targets and 0.13 fewer on average, for 15 compiled
+  fusions more per solve site (on [64, 16], of 98).
   """
   m = jnp.maximum(n_ties, 1.0)
   excess = target - log_m
   reachable = (excess > 0) & (excess < jnp.log1p(1.0 / m))
-  log_goal = jnp.log(jnp.where(reachable, excess, 1.0))
-  x = jnp.maximum(-jnp.log(m) - log_goal, 1e-3)
-  x = jnp.maximum(jnp.log1p(x) - jnp.log(m) - log_goal, 1e-3)
-
-  def newton(_, x):
-    r = jnp.exp(-x)
-    p = r / (m + r)
-    e = jnp.log1p(r / m) + x * p
-    slope = -x * p * (1.0 - p) / e  # d log(e) / dx
-    return jnp.clip(x - (jnp.log(e) - log_goal) / slope, 1e-3, 120.0)
-
-  x = jax.lax.fori_loop(0, 4, newton, x)
+  offset = -jnp.log(m) - jnp.log(jnp.where(reachable, excess, 1.0))
+  x = jnp.maximum(offset, 1e-3)
+  for _ in range(3):
+    x = jnp.maximum(jnp.log1p(x) + offset, 1e-3)
   return jnp.where(reachable & jnp.isfinite(gap) & (gap > 0), x / gap, 0.0)
 
 
@@ -170,13 +167,13 @@ class Start(NamedTuple):
   fixed: jax.Array  # an edge row (clamped target, empty or NaN): γ is the answer, no steps
 
 
-def initial_gamma(stats: RowStats, bounds: Bounds, target: jax.Array, lazy: bool = False) -> Start:
+def initial_gamma(stats: RowStats, bounds: Bounds, target: jax.Array) -> Start:
   """First guess for γ* from exponential-free statistics; edges get their final γ.
 
   Near the uniform end log n - H(γ) ≈ γ² V_0 / 2 (V_0 the plain variance); from there the guess
   solves the row's :class:`_Model`. The first moments are centred on the model's mean (a centre
   far from q's mean cancels the variance away in float32). ``target`` must already be clamped to
-  [log m, log n]; ``lazy`` as in :func:`start`.
+  [log m, log n].
   """
   deficit = jnp.maximum(bounds.log_n - target, 0.0)
   gamma = jnp.sqrt(2.0 * deficit / jnp.where(stats.var > 0, stats.var, 1.0))
@@ -186,11 +183,7 @@ def initial_gamma(stats: RowStats, bounds: Bounds, target: jax.Array, lazy: bool
   gamma = jnp.where(ok, model_gamma, gamma)
   # Beyond the model's range: the argmax regime, where m ties and the next value decide.
   argmax = ~(ok & reached)
-  binary = lambda: _binary_model_gamma(stats.n_ties, stats.gap, target, bounds.log_m)
-  if lazy:  # few blocks hold a row in the argmax regime: the others skip its model
-    gamma_argmax = jax.lax.cond(any_of(argmax), binary, lambda: jnp.zeros_like(gamma))
-  else:
-    gamma_argmax = binary()
+  gamma_argmax = _binary_model_gamma(stats.n_ties, stats.gap, target, bounds.log_m)
   gamma = jnp.where(argmax, jnp.minimum(jnp.maximum(gamma, gamma_argmax), bounds.gamma_hi), gamma)
   # q's mean rises with γ from the plain mean (γ = 0) to the maximum, 0 (γ → ∞).
   center = jnp.where(argmax, 0.0, jnp.where(ok, center, stats.mean))
@@ -215,18 +208,14 @@ def start(
   held: jax.Array | None = None,
   held_gamma=1.0,
   held_center=None,
-  *,
-  lazy: bool = False,
 ) -> tuple[jax.Array, Start]:
   """The target clamped to [log m, log n], and the :class:`Start` of each row.
 
   Rows flagged ``held`` (inside their entropy bounds) start, and stay, at ``held_gamma`` (γ = 1
-  in the caller's units), centred on ``held_center`` (their mean there) when given. With
-  ``lazy``, the argmax-regime model runs only in blocks that hold such a row (a ``cond``: not in
-  the Pallas kernels, whose registers it would cost).
+  in the caller's units), centred on ``held_center`` (their mean there) when given.
   """
   target = jnp.clip(target, bounds.log_m, bounds.log_n)
-  first = initial_gamma(stats, bounds, target, lazy)
+  first = initial_gamma(stats, bounds, target)
   if held is not None:
     center = first.center if held_center is None else jnp.where(held, held_center, first.center)
     first = Start(jnp.where(held, held_gamma, first.gamma), center, first.fixed | held)
