@@ -172,13 +172,19 @@ def unrolled_entropy_softmax(x: jax.Array, target: jax.Array, num_iters: int) ->
   (the baseline the implicit derivative replaces). Once the steps converge, its gradient is the
   true one; before, it is the derivative of an unconverged iterate."""
   d, bounds, target, gamma = hooks.first_iterate(x, target)
+  log_g, _ = jax.lax.scan(_newton_step(d, target), jnp.log(gamma), None, length=num_iters)
+  return jax.nn.softmax(jnp.exp(log_g)[..., None] * d, axis=-1)
+
+
+def _newton_step(d, target, emit: bool = False):
+  """The scan body of a plain Newton step on H(log γ) = H_t (emitting the new log γ if asked)."""
 
   def body(log_g, _):
     h, slope = _entropy_terms(jnp.exp(log_g), d)
-    return log_g - (h - target) / slope, None
+    log_g = log_g - (h - target) / slope
+    return log_g, log_g if emit else None
 
-  log_g, _ = jax.lax.scan(body, jnp.log(gamma), None, length=num_iters)
-  return jax.nn.softmax(jnp.exp(log_g)[..., None] * d, axis=-1)
+  return body
 
 
 def optimistix_entropy_softmax(
@@ -217,9 +223,19 @@ def _loss(f):
 
 
 def _unrolled_steps(x, target, tol: float, max_steps: int = 16) -> int:
-  """Fewest unrolled Newton steps whose output is within ``tol`` of every target."""
+  """Fewest unrolled Newton steps whose output is within ``tol`` of every target (the iterates of
+  one jitted scan, each checked in float64)."""
+
+  @jax.jit
+  def iterates(x, target):
+    d, bounds, target, gamma = hooks.first_iterate(x, target)
+    _, log_gs = jax.lax.scan(_newton_step(d, target, True), jnp.log(gamma), None, length=max_steps)
+    return d, jnp.exp(log_gs)
+
+  d, gammas = iterates(x, target)
+  output = jax.jit(lambda gamma: jax.nn.softmax(gamma[..., None] * d, axis=-1))
   for k in range(1, max_steps + 1):
-    if entropy_error(unrolled_entropy_softmax(x, target, k), target) <= tol:
+    if entropy_error(output(gammas[k - 1]), target) <= tol:
       return k
   return max_steps
 
