@@ -109,8 +109,8 @@ def test_short_rows_take_few_passes():
 
 def test_tiny_rows_are_rescaled_in_every_layout():
   # Rows whose values lie within 1e-24 of each other: their squares underflow unless the row is
-  # solved scaled by a power of two (in the lanes layout before its statistics, in the others by
-  # a cond after them): 2 to 5 passes. Unscaled, they converge through bisection in 16 to 24.
+  # solved scaled by a power of two (normalize._rescale_tiny_rows), in the lanes layout and in the
+  # whole-array one: 2 to 5 passes. Unscaled, they converge through bisection in 16 to 24.
   rng = np.random.default_rng(8)
   x = jnp.asarray(3e-25 * rng.normal(size=(6, 16)), jnp.float32)
   fractions = jnp.asarray([0.05, 0.2, 0.5, 0.8, 0.95, 0.99], jnp.float32)

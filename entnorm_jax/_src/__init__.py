@@ -26,9 +26,8 @@ The per-block solve, shared by every layout and every attention engine:
 1. **Statistics** (:func:`moments.shifted`, :func:`moments.row_stats`): the rows shifted to
    maximum 0 and one exponential-free pass: valid count, ties at the maximum, gap to the next
    value, mean and variance. Rows whose values lie closer together than float's range can
-   multiply are rescaled by a power of two (:func:`normalize._rescale_tiny_rows`): in the lanes
-   layout before the statistics (the pass that finds the maxima finds the gap below them too),
-   elsewhere after them, by a ``cond`` that costs one comparison when no row needs it.
+   multiply are rescaled by a power of two first (:func:`normalize._rescale_tiny_rows`, a
+   ``cond`` that costs one comparison when no row needs it).
 2. **Bounds and goal** (:mod:`bounds`): the reachable range [log m, log n], the tolerance, and
    what each row is solved for (an exact target, or the floor/ceiling it crosses; rows inside
    their bounds are held at γ = 1).

@@ -93,15 +93,11 @@ class Shifted(NamedTuple):
       valid NaN).
     d: ``[..., n]`` the shifted logits ``x - max``, 0 at masked entries (for moments).
     dm: the same with ``-inf`` at masked entries (for exponentials: ``exp(γ dm) = 0`` there).
-    gap: ``[...]`` in the lanes layout, the maximum less the largest valid value below it, found
-      in the pass that finds the maximum (``inf`` where there is none, NaN for an empty row):
-      enough to decide how to scale a row before its statistics. ``None`` in the other layouts.
   """
 
   zmax: jax.Array
   d: jax.Array
   dm: jax.Array
-  gap: jax.Array | None = None
 
 
 def lane_shape(n: int) -> tuple[int, int]:
@@ -135,27 +131,15 @@ def from_lanes(a: jax.Array, n: int) -> jax.Array:
 
 def _row_reduce(terms, inits, ops) -> tuple[jax.Array, ...]:
   """Reductions of each row of the lanes-layout ``terms``: one variadic pass (``ops[k]`` combines
-  the k-th term, from ``inits[k]``; or ``ops`` combines two tuples of all terms), across the
-  sublanes first when they are few, else across the lanes first."""
+  the k-th term, from ``inits[k]``), across the sublanes first when they are few, else across the
+  lanes first."""
   terms = tuple(terms)
   inits = tuple(jnp.asarray(v, terms[0].dtype) for v in inits)
-  if callable(ops):
-    combine = ops
-  else:
-    combine = lambda a, b: tuple(op(u, v) for op, u, v in zip(ops, a, b, strict=True))
+  combine = lambda a, b: tuple(op(u, v) for op, u, v in zip(ops, a, b, strict=True))
   sublanes = terms[0].shape[-2]
   first = terms[0].ndim - (2 if sublanes <= 16 else 1)
   partial = jax.lax.reduce(terms, inits, combine, (first,))
   return jax.lax.reduce(partial, inits, combine, (partial[0].ndim - 1,))
-
-
-def _top_two(a, b):
-  """Combines two ``(maximum, largest value below it)`` pairs (a reduction's combiner)."""
-  top = jax.lax.max(a[0], b[0])
-  below = jax.lax.max(a[1], b[1])
-  below = jax.lax.max(below, jnp.where(a[0] < top, a[0], -jnp.inf))
-  below = jax.lax.max(below, jnp.where(b[0] < top, b[0], -jnp.inf))
-  return top, below
 
 
 def _finite_part(dm: jax.Array) -> jax.Array:
@@ -181,25 +165,22 @@ def shifted(
 
   ``zmax``, the row maxima over valid entries, is computed unless given. With ``lanes`` the rows
   are held in the lanes layout (:func:`lane_shape`), ``[..., sublanes, lanes]``, padded with
-  masked entries; every per-row quantity of them is then one variadic pass, and the pass that
-  finds the maxima also finds the :attr:`Shifted.gap`.
+  masked entries; every per-row quantity of them is then one variadic pass.
   """
   valid = x != -jnp.inf  # a NaN is valid: it makes its row NaN
-  gap = None
   if where is not None:
     valid = valid & where
   if lanes:
     x = _lanes(x if where is None else jnp.where(valid, x, -jnp.inf), -jnp.inf)
     valid = x != -jnp.inf
     if zmax is None:
-      zmax, below = _row_reduce((x, jnp.full_like(x, -jnp.inf)), (-jnp.inf,) * 2, _top_two)
-      gap = zmax - below
+      (zmax,) = _row_reduce((x,), (-jnp.inf,), (jax.lax.max,))
   elif zmax is None:
     zmax = row_max(x, where, valid)
   zmax = jnp.where(jnp.isneginf(zmax), 0.0, zmax)
   top = zmax.reshape(zmax.shape + (1,) * (x.ndim - zmax.ndim))
   dm = jnp.where(valid, shift_to_max(x, top), -jnp.inf)
-  return Shifted(zmax, jnp.where(valid, dm, 0.0), dm, gap)
+  return Shifted(zmax, jnp.where(valid, dm, 0.0), dm)
 
 
 def row_stats(logits: Shifted) -> RowStats:

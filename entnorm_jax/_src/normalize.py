@@ -109,7 +109,9 @@ def _solve_block(x, where, target, relative, num_iters, info=False, lanes=False)
   rows inside their bounds keep γ = 1 (plain softmax, and with ``target_scale`` 0 softmax's
   derivative), and the others are solved for the bound they cross.
   """
-  logits, stats, unit = _rescale_tiny_rows(shifted(x, where, lanes=lanes))
+  logits = shifted(x, where, lanes=lanes)
+  stats = row_stats(logits)
+  logits, stats, unit = _rescale_tiny_rows(logits, stats)
   bounds = entropy_bounds(stats, x.dtype)
   one = 1.0 / unit  # γ = 1 in the rescaled rows' units
   natural = None
@@ -152,38 +154,20 @@ def _solve_block(x, where, target, relative, num_iters, info=False, lanes=False)
   return Solution(probs, gamma * unit, scale, *(report or ()))
 
 
-def _rescale_tiny_rows(logits: Shifted):
-  """The :func:`row_stats` of ``logits``, where rows whose values lie closer together than about
-  sqrt(tiny) (1e-19 in float32), which would lose their products to underflow, are solved on
-  ``d`` times a power of two (exact) that brings the gap below the maximum near 1, their γ scaled
-  back. Returns ``(logits, stats, unit)`` with γ_true = γ_solved · unit.
-
-  In the lanes layout the gap is known before the statistics (:attr:`Shifted.gap`): every row is
-  scaled (most by 1) and the statistics are taken once. Elsewhere the gap comes with them, and a
-  block holding such rows takes them again (a ``cond``: one comparison for the other blocks).
-  """
+def _rescale_tiny_rows(logits: Shifted, stats):
+  """Rows whose values lie closer together than about sqrt(tiny) (1e-19 in float32) would lose
+  their products to underflow: they are solved on ``d`` times a power of two (exact) that brings
+  the gap below the maximum near 1, and their γ is scaled back. Returns ``(logits, stats, unit)``
+  with γ_true = γ_solved · unit. A block without such rows costs one comparison."""
   dtype = logits.d.dtype
-
-  def exponent_of(gap):
-    tiny = gap < np.sqrt(jnp.finfo(dtype).tiny) * 1e3
-    return jnp.where(tiny & (gap > 0), -jnp.floor(jnp.log2(gap)), 0.0)
-
-  def scaled(exponent):
-    factor = jnp.exp2(exponent)
-    gap = None if logits.gap is None else logits.gap * factor
-    factor = factor.reshape(factor.shape + (1,) * (logits.d.ndim - factor.ndim))
-    return Shifted(logits.zmax, logits.d * factor, logits.dm * factor, gap)
-
-  if logits.gap is not None:
-    exponent = exponent_of(logits.gap)
-    logits = scaled(exponent)
-    return logits, row_stats(logits), jnp.exp2(exponent)
-  stats = row_stats(logits)
-  exponent = exponent_of(stats.gap)
+  tiny = stats.gap < np.sqrt(jnp.finfo(dtype).tiny) * 1e3
+  exponent = jnp.where(tiny & (stats.gap > 0), -jnp.floor(jnp.log2(stats.gap)), 0.0)
 
   def rescale():
-    logits_scaled = scaled(exponent)
-    return logits_scaled, row_stats(logits_scaled)
+    factor = jnp.exp2(exponent)
+    factor = factor.reshape(factor.shape + (1,) * (logits.d.ndim - factor.ndim))
+    scaled = Shifted(logits.zmax, logits.d * factor, logits.dm * factor)
+    return scaled, row_stats(scaled)
 
   logits, stats = jax.lax.cond(any_of(exponent != 0), rescale, lambda: (logits, stats))
   return logits, stats, jnp.exp2(exponent)
