@@ -171,20 +171,28 @@ def unrolled_entropy_softmax(x: jax.Array, target: jax.Array, num_iters: int) ->
   first guess, written with ``lax.scan`` so that reverse mode differentiates through every step
   (the baseline the implicit derivative replaces). Once the steps converge, its gradient is the
   true one; before, it is the derivative of an unconverged iterate."""
+  d, log_g, _ = _plain_newton(x, target, num_iters)
+  return _softmax_at(d, log_g)
+
+
+def _plain_newton(x, target, num_iters: int, every: bool = False):
+  """``(d, log γ, iterates)``: the rows shifted to maximum 0 and log γ after ``num_iters`` plain
+  Newton steps on H(log γ) = H_t from the core's first guess; with ``every``, the log γ after each
+  step (``[num_iters, rows]``, else None)."""
   d, bounds, target, gamma = hooks.first_iterate(x, target)
-  log_g, _ = jax.lax.scan(_newton_step(d, target), jnp.log(gamma), None, length=num_iters)
-  return jax.nn.softmax(jnp.exp(log_g)[..., None] * d, axis=-1)
-
-
-def _newton_step(d, target, emit: bool = False):
-  """The scan body of a plain Newton step on H(log γ) = H_t (emitting the new log γ if asked)."""
 
   def body(log_g, _):
     h, slope = _entropy_terms(jnp.exp(log_g), d)
     log_g = log_g - (h - target) / slope
-    return log_g, log_g if emit else None
+    return log_g, log_g if every else None
 
-  return body
+  log_g, iterates = jax.lax.scan(body, jnp.log(gamma), None, length=num_iters)
+  return d, log_g, iterates
+
+
+def _softmax_at(d, log_g):
+  """softmax(γ·d) of each row."""
+  return jax.nn.softmax(jnp.exp(log_g)[..., None] * d, axis=-1)
 
 
 def optimistix_entropy_softmax(
@@ -225,17 +233,10 @@ def _loss(f):
 def _unrolled_steps(x, target, tol: float, max_steps: int = 16) -> int:
   """Fewest unrolled Newton steps whose output is within ``tol`` of every target (the iterates of
   one jitted scan, each checked in float64)."""
-
-  @jax.jit
-  def iterates(x, target):
-    d, bounds, target, gamma = hooks.first_iterate(x, target)
-    _, log_gs = jax.lax.scan(_newton_step(d, target, True), jnp.log(gamma), None, length=max_steps)
-    return d, jnp.exp(log_gs)
-
-  d, gammas = iterates(x, target)
-  output = jax.jit(lambda gamma: jax.nn.softmax(gamma[..., None] * d, axis=-1))
+  d, _, iterates = jax.jit(_plain_newton, static_argnums=(2, 3))(x, target, max_steps, True)
+  output = jax.jit(_softmax_at)
   for k in range(1, max_steps + 1):
-    if entropy_error(output(gammas[k - 1]), target) <= tol:
+    if entropy_error(output(d, iterates[k - 1]), target) <= tol:
       return k
   return max_steps
 
