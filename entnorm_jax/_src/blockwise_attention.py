@@ -198,8 +198,10 @@ def solve_attention_rows(stats_pass: Callable, moments_pass: Callable, target, r
     num_iters: ``None`` (adaptive) or the number of Halley-type steps.
 
   Returns:
-    ``(zmax, gamma, center, free, log_n)`` per row; ``center`` is the mean at γ, a good
-    centring point for the final pass; ``free`` as :attr:`RowResiduals.free`.
+    ``(zmax, gamma, center, free, log_n)`` per row; γ is polished (one Newton step past its last
+    sweep, which the output's sweep then uses: see ``iteration._polish``); ``center`` is the mean
+    at the last sweep, a good centring point for the final pass; ``free`` as
+    :attr:`RowResiduals.free`.
   """
   zmax, stats = stats_pass()
   target = jax.lax.stop_gradient(target)
@@ -219,7 +221,9 @@ def solve_attention_rows(stats_pass: Callable, moments_pass: Callable, target, r
     return moments_pass(gamma, center, zmax, stats.n_ties), every, aux
 
   first = start(stats, bounds, aim.nats, *(held or ()))
-  gamma, center, _, _ = solve(bounds, *first, evaluate, None, num_iters=num_iters)
+  gamma, center, _, _ = solve(
+    bounds, *first, evaluate, None, num_iters=num_iters, every_full=True, polish=True
+  )
   center = jnp.where(jnp.isfinite(center), center, 0.0)
   return zmax, gamma, center, aim.which, bounds.log_n
 

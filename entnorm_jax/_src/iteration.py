@@ -27,7 +27,9 @@ adds to the compile time of every solve site.
 The loop stops when every row of the block is within ``tol`` nats of its target (``tol`` = 2e-6
 nats in float32, 1e-12 in float64, times max(1, log n)), or after a fixed number of full
 iterations when the caller asks for one. Its last evaluation is at the returned γ, so the caller
-can reuse its weights as the output.
+can reuse its weights as the output; except where the caller asks for a ``polish`` (the attention,
+which computes its output from γ in a sweep of its own): there a row on target gets one more Newton
+step from its last evaluation, free of any pass (:func:`_polish`).
 """
 
 from __future__ import annotations
@@ -169,6 +171,17 @@ def _step(state: _State, every_full: bool = False) -> jax.Array:
   return jnp.where(state.done != 0, g, jnp.where(in_bracket, proposal, bisect))
 
 
+def _polish(state: _State) -> jax.Array:
+  """γ after one more Newton step from the last evaluation (which ``every_full`` makes each row's
+  anchor), where that step stays inside the bracket: free of any pass, and it leaves a converged
+  row's entropy error at the square of what it was (to rounding) instead of anywhere within the
+  tolerance. Rows that are not on target keep γ (see :func:`solve`)."""
+  tau = state.tau_a - state.f_a / state.f1_a
+  gamma = jnp.where(state.high != 0, jnp.exp(tau), tau)
+  inside = (gamma >= state.lo) & (gamma <= state.hi) & jnp.isfinite(gamma)
+  return jnp.where(inside, gamma, state.gamma)
+
+
 class SolveInfo(NamedTuple):
   """How each row's solve ended (each of the batch shape).
 
@@ -202,6 +215,7 @@ def solve(
   num_iters,
   info=False,
   every_full=False,
+  polish=False,
 ):
   """Solves every row; the loop runs until all are on target.
 
@@ -224,11 +238,16 @@ def solve(
     info: also count each row's evaluations and report the :class:`SolveInfo` (static; off, the
       loop carries no counter: at short rows every per-row value costs time).
     every_full: ``evaluate`` always gives the derivatives (static; the lanes layout, whose every
-      pass yields all four sums): each evaluation anchors a third-order step of its own, and the
-      per-row work of light evaluations (the inverse cubic, the choice of mode) is left out.
+      pass yields all four sums, and the attention's sweeps): each evaluation anchors a
+      third-order step of its own, and the per-row work of light evaluations (the inverse cubic,
+      the choice of mode) is left out.
+    polish: with ``every_full``, return the rows on target one Newton step past their last
+      evaluation (:func:`_polish`; static). For callers that compute the output from γ afresh;
+      the dense layouts do not (their outputs agree across layouts to rounding).
 
   Returns:
-    ``(gamma, center, info, aux)``: γ of the last evaluation of each row, with the edges applied
+    ``(gamma, center, info, aux)``: γ of the last evaluation of each row (or past it, with
+    ``polish``), with the edges applied
     (0 at or above log n, the argmax bound at or below log m, 0 for empty rows, NaN for rows
     holding a valid NaN), the mean of d there, the :class:`SolveInfo` (``None`` without
     ``info``), and the final carry.
@@ -290,6 +309,9 @@ def solve(
     return count + 1, state, aux
 
   _, state, aux = jax.lax.while_loop(cond, body, (0, state, aux))
+  if polish and every_full:
+    on_target = (state.error <= tol) & ~first.fixed
+    state = state._replace(gamma=jnp.where(on_target, _polish(state), state.gamma))
   # Converged: on target within the tolerance, or solved at an edge (or held) by construction.
   # Not: rows that met the evaluation cap or the iteration count, stalled, or hold a NaN.
   if not info:
