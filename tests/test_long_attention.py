@@ -289,3 +289,22 @@ def test_float32_stays_float32_under_x64(implementation):
   with float64():
     assert float64_arrays(attend, q) == []
     assert float64_arrays(jax.grad(lambda q: jnp.sum(attend(q))), q) == []
+
+
+def test_rows_are_polished_past_the_stopping_tolerance(rng):
+  """The attention's γ is one Newton step past its last sweep (``iteration._polish``), free of any
+  pass: in float64 its rows' entropies land within 1e-14 nats of the target, where the stopping
+  tolerance alone allows 1e-12·log n (and the dense layouts, which do not polish, use it)."""
+  with float64():
+    q, k, _, _ = _inputs(rng, 1, 29, 29, 2, 2, 8, np.float64)
+    eye = jnp.broadcast_to(jnp.eye(29)[None, :, None, :], (1, 29, 2, 29))
+    k = jnp.concatenate([k, jnp.zeros((1, 29, 2, 21))], axis=-1)
+    q = jnp.concatenate([q, jnp.zeros((1, 29, 2, 21))], axis=-1)
+    target = jnp.array([0.3, 0.7])
+    p = ena.entropy_attention(
+      q, k, eye, target_fraction=target, is_causal=True, implementation="blockwise", block_q=8
+    )
+    assert p.dtype == jnp.float64
+    got = en.entropy(jnp.log(p[0]), where=p[0] > 0)[1:]
+    want = target[None, :] * jnp.log(jnp.arange(2, 30))[:, None]
+    assert np.max(np.abs(got - want)) < 1e-14
