@@ -113,6 +113,37 @@ under another name beside the new one; ratios to softmax (medians) unless stated
   one logarithm per coordinate, the anchor's coordinate from γ), the full/light ``cond`` gone
   in the lanes layout; 122 remain with the gradient (the rescaling ``cond`` 8, the tangents 17).
 
+Later (issue 17, its fourth round), the same machine, side by side against the previous solver
+imported under another name, each function first run for 1 s: a fresh process ran the [65536, 16]
+solve at 23-29 ms instead of 9.3 ms for its first 60 or so calls, which ``time_calls``'s single
+warm-up call does not cover (the cause is not known):
+
+* kept: the first guess in closed form, one evaluation of the row model and one Newton step (no
+  loop, no evaluation at the model's upper end), with the argmax-regime γ as a lower bound for
+  every row. Passes on the battery (Gaussian, gap and exponential rows of 16-2000 entries,
+  fractions u², u ~ U(0, 0.3)): mean 2.60 -> 2.53, the most per family 6-9 -> 4-6. Forward
+  0.87-0.94x the previous time at 16 and 64 entries, 0.92-0.98x at 128 and 256, 0.93-1.01x at
+  1024 and 32768 (several runs); gradient 0.94-0.99x; 14 fusions fewer per site; ``value_and_grad`` at
+  [4096, 1024] lowered and compiled in 0.94 s instead of 1.15 s;
+* no model at all (the plain-variance guess): a quarter less compile time (0.3 s), but 0.34 more
+  passes on average at 0.5 log n and one more at most per block: 0.91x at [32768, 128] and n = 16,
+  1.10x at [4096, 1024] and [256, 32768], where a pass costs most; not adopted;
+* the per-row algebra as one multi-output fusion (each output padded along a trailing axis of 1
+  and summed away by one variadic reduction, which XLA:CPU emits as one loop): the loop body's
+  fusions ~20 -> ~8, but values that several outputs share and that are expensive (divisions,
+  logarithms) are still split out, since XLA's fusion will not duplicate them; compile 1-4% less,
+  time per solve unchanged; dropped;
+* the evaluation at n <= 16 as one reduction over ``[rows, 16]``: the pass 0.75x the two-stage
+  lanes reduction, the whole solve 1.01x. At n = 16 an iteration costs 0.45 ms per block of
+  32768 rows, the pass about 0.3 of it: the passes are not what bounds short rows;
+* the moments' ``d`` written from ``e`` (``where(e > 0, dm, 0)``), which XLA cannot hoist out of
+  the loop as it hoists ``where(dm != -inf, dm, 0)`` (each pass then reads one array, not two):
+  0.91-1.09x in three runs, within the noise; dropped;
+* finishing a block's slowest rows on a gathered subset (3 passes cover 95% of the rows of a
+  block at n = 16, which runs 5): choosing the rows alone (a cumulative sum on XLA:CPU) costs
+  0.36 ms per block of 32768 rows, 0.8 of an iteration; with the gather, a second compiled loop
+  and the scatter it would save at most ~7%; not built.
+
 Run ``python -m benchmarks.core [--quick]``: prints the tables and writes ``core.json``,
 ``core.md`` and ``core.png`` into ``benchmarks/results/``.
 """
