@@ -117,10 +117,11 @@ def _model_gamma(model: _Model, bounds: Bounds, target, gamma):
   above the target, on ``log(H - log m)`` against ``γ`` below it.
 
   The model is evaluated once. Measured against a loop that first evaluated the model at its
-  upper end (to tell whether the target lies within its range) and then stepped, on
-  ``benchmarks.core``'s rows (16 to 32768 entries, targets 0.05-0.5 of log n): the same passes at
-  targets of 0.3 log n and above, at most 0.15 more on average below, and 16-30 fewer compiled
-  fusions per solve site (a quarter of its compile time), 4-13% less time per solve.
+  upper end (to tell whether the target lies within its range) and then stepped, on 3·N(0, 1)
+  rows of 16 to 1024 entries: within 0.02 passes on average at targets of 0.3 log n and above, at
+  most 0.15 more below (which the lower bound in :func:`initial_gamma` more than makes up for),
+  14 compiled fusions fewer per solve site (a tenth of its compile time or more), and 2-13% less
+  time per solve at 16-256 entries.
 
   Returns:
     ``(gamma, mean, reached)``: the model's γ, its mean of d at the given γ (a centre for the
