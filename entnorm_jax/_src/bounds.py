@@ -61,6 +61,18 @@ def inside(bounds: Bounds, target: jax.Array) -> jax.Array:
   return (target > bounds.log_m + tol) & (target < bounds.log_n - tol)
 
 
+def in_bracket(gamma: jax.Array, lo: jax.Array, hi: jax.Array) -> jax.Array:
+  """Where a proposed γ is finite and inside the bracket [lo, hi] that monotonicity gives."""
+  return (gamma >= lo) & (gamma <= hi) & jnp.isfinite(gamma)
+
+
+def bracketed(gamma: jax.Array, lo: jax.Array, hi: jax.Array) -> jax.Array:
+  """A proposed γ where it is :func:`in_bracket`, else the bracket bisected geometrically (halved
+  while ``lo`` is 0): the safeguard of every step on γ."""
+  bisect = jnp.where(lo > 0, jnp.sqrt(lo) * jnp.sqrt(hi), 0.5 * hi)
+  return jnp.where(in_bracket(gamma, lo, hi), gamma, bisect)
+
+
 class Goal(NamedTuple):
   """What each row is solved for, from its target or bounds (see :func:`goal`).
 

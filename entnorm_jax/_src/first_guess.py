@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from entnorm_jax._src.backends import log_phi
-from entnorm_jax._src.bounds import Bounds, tolerance
+from entnorm_jax._src.bounds import Bounds, bracketed, tolerance
 from entnorm_jax._src.moments import RowStats
 
 # At most a factor 16 per step upwards (the model's steps and the iteration's).
@@ -141,9 +141,7 @@ def _model_gamma(model: _Model, bounds: Bounds, target, gamma):
   # The model's entropy falls with γ: the target lies above γ where it is high, below it if not.
   beyond = high & (new >= cap)
   lo, hi = jnp.where(high, gamma, 0.0), jnp.where(high, cap, gamma)
-  in_bracket = (new >= lo) & (new <= hi) & jnp.isfinite(new)
-  new = jnp.where(in_bracket, new, jnp.where(lo > 0, jnp.sqrt(lo) * jnp.sqrt(hi), 0.5 * hi))
-  return jnp.where(beyond, cap, new), mean, ~beyond
+  return jnp.where(beyond, cap, bracketed(new, lo, hi)), mean, ~beyond
 
 
 class Start(NamedTuple):

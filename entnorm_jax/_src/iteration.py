@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from entnorm_jax._src.backends import any_of, flag
-from entnorm_jax._src.bounds import Bounds, tolerance
+from entnorm_jax._src.bounds import Bounds, bracketed, in_bracket, tolerance
 from entnorm_jax._src.first_guess import MAX_LOG_GROWTH, Start
 from entnorm_jax._src.moments import Moments
 
@@ -166,9 +166,7 @@ def _step(state: _State, every_full: bool = False) -> jax.Array:
   # At most a factor 16 per step upwards: from a plateau (near-ties) the local slope predicts
   # far too much, and one-hot overshoots cancel V away, which would stall the next steps.
   proposal = jnp.where(state.high != 0, jnp.exp(jnp.minimum(tau, log_g + MAX_LOG_GROWTH)), tau)
-  in_bracket = (proposal >= state.lo) & (proposal <= state.hi) & jnp.isfinite(proposal)
-  bisect = jnp.where(state.lo > 0, jnp.sqrt(state.lo) * jnp.sqrt(state.hi), 0.5 * state.hi)
-  return jnp.where(state.done != 0, g, jnp.where(in_bracket, proposal, bisect))
+  return jnp.where(state.done != 0, g, bracketed(proposal, state.lo, state.hi))
 
 
 def _polish(state: _State) -> jax.Array:
@@ -178,8 +176,7 @@ def _polish(state: _State) -> jax.Array:
   tolerance. Rows that are not on target keep γ (see :func:`solve`)."""
   tau = state.tau_a - state.f_a / state.f1_a
   gamma = jnp.where(state.high != 0, jnp.exp(tau), tau)
-  inside = (gamma >= state.lo) & (gamma <= state.hi) & jnp.isfinite(gamma)
-  return jnp.where(inside, gamma, state.gamma)
+  return jnp.where(in_bracket(gamma, state.lo, state.hi), gamma, state.gamma)
 
 
 class SolveInfo(NamedTuple):
