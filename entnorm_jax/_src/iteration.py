@@ -75,10 +75,10 @@ class _State(NamedTuple):
 
 def _coordinates(high, gamma, mom: Moments, target, bounds: Bounds):
   """``(τ, F)`` of the current point in the chosen coordinate (see the module docstring): one
-  logarithm of the side's distance and one of the target's (XLA hoists the latter out of the
-  loop; the Pallas kernels recompute it rather than hold it in registers)."""
+  logarithm of the side's distance, and the target's in either coordinate, which do not change
+  over the loop (XLA hoists them out of it)."""
   f = jnp.log(jnp.where(high, bounds.log_n - mom.entropy, mom.excess))
-  goal = jnp.log(jnp.where(high, bounds.log_n - target, target - bounds.log_m))
+  goal = jnp.where(high, jnp.log(bounds.log_n - target), jnp.log(target - bounds.log_m))
   return jnp.where(high, jnp.log(gamma), gamma), f - goal
 
 
@@ -86,13 +86,14 @@ def _derivatives(high, gamma, mom: Moments, bounds: Bounds):
   """dF/dτ and d²F/dτ² from a full evaluation (H' = -γ V, H'' = -V - γ κ)."""
   h1 = -gamma * mom.var
   h2 = -mom.var - gamma * mom.third
-  deficit = bounds.log_n - mom.entropy
   du = gamma * gamma * mom.var  # d(log n - H)/dτ, τ = log γ
-  u1 = du / deficit
-  u2 = (du - gamma * gamma * h2) / deficit - u1 * u1
-  w1 = h1 / mom.excess
-  w2 = h2 / mom.excess - w1 * w1
-  return jnp.where(high, u1, w1), jnp.where(high, u2, w2)
+  # u' = du / (log n - H), u'' = (du - γ² H'') / (log n - H) - u'²; w' = H' / (H - log m),
+  # w'' = H'' / (H - log m) - w'²: one reciprocal for the side the row is on (per-row division is
+  # most of a short row's step algebra).
+  inverse = 1.0 / jnp.where(high, bounds.log_n - mom.entropy, mom.excess)
+  f1 = jnp.where(high, du, h1) * inverse
+  f2 = jnp.where(high, du - gamma * gamma * h2, h2) * inverse - f1 * f1
+  return f1, f2
 
 
 def _observe(
@@ -153,7 +154,8 @@ def _step(state: _State, every_full: bool = False) -> jax.Array:
   factor = 1.0 + jnp.clip(b2 * dz / b1, -0.5, 1.0)
   tau = state.tau_a + newton * factor
   g = state.gamma
-  log_g = jnp.log(g)
+  # With every_full the anchor is the last evaluation: its coordinate is log γ where it is high.
+  log_g = state.tau_a if every_full else jnp.log(g)
   if not every_full:
     # After a light evaluation: the inverse cubic through the anchor (value, 2 derivatives) and
     # the new point.

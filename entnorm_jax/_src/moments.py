@@ -247,9 +247,10 @@ def evaluate(
     terms = (e, e * d, e * jax.lax.integer_pow(d, 2), e * jax.lax.integer_pow(d, 3))
     sums = [jnp.sum(t, axis=-1) for t in terms[: 4 if full else 2]]
   s0 = sums[0]
-  mean = sums[1] / s0
+  inverse = 1.0 / s0
+  mean = sums[1] * inverse
   if full:
-    a2, a3 = sums[2] / s0, sums[3] / s0
+    a2, a3 = sums[2] * inverse, sums[3] * inverse
     var = jnp.maximum(a2 - mean * mean, 0.0)
     third = a3 - 3.0 * mean * a2 + 2.0 * mean * mean * mean
   else:
@@ -276,7 +277,7 @@ def _entropies(s0, mean, gamma, n_ties):
   solve). The mass off the argmax set is ``S_0 - m`` (each tie contributes exactly 1): its rounding
   is at the level of eps · m, far below what a target in (log m, log n) needs."""
   m = jnp.maximum(n_ties, 1.0)
-  excess = jnp.log1p(jnp.maximum(s0 - m, 0.0) / m) - gamma * mean
+  excess = jnp.log1p(jnp.maximum(s0 - m, 0.0) * (1.0 / m)) - gamma * mean  # 1/m: out of the loop
   return jnp.log(m) + excess, excess
 
 
