@@ -144,6 +144,29 @@ warm-up call does not cover (the cause is not known):
   0.36 ms per block of 32768 rows, 0.8 of an iteration; with the gather, a second compiled loop
   and the scatter it would save at most ~7%; not built.
 
+Issue 17, its fifth round (the same machine, side by side, each function first run for 1 s):
+
+* where a short row's time goes, from ``jax.profiler`` at [65536, 16] (two blocks): the step
+  algebra 4 ms of 10.5 (the step, one fusion, 0.12 ms per block of 32768 rows: 3.8 ns per row for
+  a logarithm, an exponential, two square roots and a division, compute-bound), the evaluations
+  2.9 ms (the variadic pass 0.2 ms per block, the reduction of its 8 lanes 0.08 ms), the loop's
+  test 1% (an integer maximum over the block's flags, 9 us per iteration);
+* kept: fewer divisions and logarithms per row and pass (one reciprocal of S_0 and one of the
+  coordinate's distance instead of five divisions; the target's logarithms and 1/m out of the
+  loop; the anchor's log γ reused by the step): 2 logarithms and 3 divisions per iteration instead
+  of 4 and 6, the same passes on the battery (mean 2.528 both), 0.92-0.93x the time at
+  [65536, 16], 0.95x at [16384, 64], 0.97-1.00x at the other shapes and for the gradients;
+* blocks of 4 MiB instead of 2 for the lanes layout: 0.81-0.90x at [16384, 64] (one block instead
+  of two, four runs), 0.91x at [131072, 64], 0.99x and 0.84x at [65536, 16], but 1.15x at
+  [262144, 16] and 0.97-1.02x at 128-1024 entries; per row the best block was 65536 rows at n = 16, 16384 at 64, 2048-8192 at 256 (131072
+  rows of 16, or 16 MiB of 256, cost 2x per row). No single byte size wins; not adopted;
+* the whole solve of a short row as one elementwise expression (rows transposed to ``[n, rows]``,
+  the sums written out entry by entry, a fixed number of plain Newton steps unrolled, no
+  safeguards): XLA fuses an exponential into one consumer only, so each entry's exponential is a
+  fusion of its own (92 fusions at n = 16). Six steps: 0.75x our time at [65536, 16] (within
+  6e-6 nats on these rows), but 1.8x at [16384, 64] and 13x at [8192, 256], compiling in 0.4 / 1.7
+  / 8.4 s; four steps do not converge (0.01-0.15 nats off). Not built.
+
 Run ``python -m benchmarks.core [--quick]``: prints the tables and writes ``core.json``,
 ``core.md`` and ``core.png`` into ``benchmarks/results/``.
 """
