@@ -123,8 +123,8 @@ warm-up call does not cover (the cause is not known):
   every row. Passes on the battery (Gaussian, gap and exponential rows of 16-2000 entries,
   fractions u², u ~ U(0, 0.3)): mean 2.60 -> 2.53, the most per family 6-9 -> 4-6. Forward
   0.87-0.94x the previous time at 16 and 64 entries, 0.92-0.98x at 128 and 256, 0.93-1.01x at
-  1024 and 32768 (several runs); gradient 0.94-0.99x; 14 fusions fewer per site; ``value_and_grad`` at
-  [4096, 1024] lowered and compiled in 0.94 s instead of 1.15 s;
+  1024 and 32768 (several runs); gradient 0.94-0.99x; 14 fusions fewer per site;
+  ``value_and_grad`` at [4096, 1024] lowered and compiled in 0.94 s instead of 1.15 s;
 * no model at all (the plain-variance guess): a quarter less compile time (0.3 s), but 0.34 more
   passes on average at 0.5 log n and one more at most per block: 0.91x at [32768, 128] and n = 16,
   1.10x at [4096, 1024] and [256, 32768], where a pass costs most; not adopted;
@@ -158,8 +158,9 @@ Issue 17, its fifth round (the same machine, side by side, each function first r
   [65536, 16], 0.95x at [16384, 64], 0.97-1.00x at the other shapes and for the gradients;
 * blocks of 4 MiB instead of 2 for the lanes layout: 0.81-0.90x at [16384, 64] (one block instead
   of two, four runs), 0.91x at [131072, 64], 0.99x and 0.84x at [65536, 16], but 1.15x at
-  [262144, 16] and 0.97-1.02x at 128-1024 entries; per row the best block was 65536 rows at n = 16, 16384 at 64, 2048-8192 at 256 (131072
-  rows of 16, or 16 MiB of 256, cost 2x per row). No single byte size wins; not adopted;
+  [262144, 16] and 0.97-1.02x at 128-1024 entries; per row the best block was 65536 rows at
+  n = 16, 16384 at 64, 2048-8192 at 256 (131072 rows of 16, or 16 MiB of 256, cost 2x per row).
+  No single byte size wins; not adopted;
 * the whole solve of a short row as one elementwise expression (rows transposed to ``[n, rows]``,
   the sums written out entry by entry, a fixed number of plain Newton steps unrolled, no
   safeguards): XLA fuses an exponential into one consumer only, so each entry's exponential is a
