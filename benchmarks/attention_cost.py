@@ -85,7 +85,9 @@ def run(quick: bool = False) -> dict:
   rows = []
   for length in lengths:
     repeats = 3 if quick or length >= 2048 else 9
-    times = common.time_calls(module_functions(length), repeats=repeats, max_total_s=120)
+    times = common.time_calls(
+      module_functions(length), repeats=repeats, max_total_s=120, warmup_s=common.warmup_s(quick)
+    )
     row = {"length": length}
     for name, t in times.items():
       row[name] = t
@@ -95,7 +97,9 @@ def run(quick: bool = False) -> dict:
       )
     rows.append(row)
     print(f"L={length}: fwd {row['ratio/fwd']:.2f}x, fwd+bwd {row['ratio/fwd_bwd']:.2f}x")
-  step_times = common.time_calls(training_step_functions(), repeats=3 if quick else 9)
+  step_times = common.time_calls(
+    training_step_functions(), repeats=3 if quick else 9, warmup_s=common.warmup_s(quick)
+  )
   step_ratio = (
     step_times["train_step/entropy_fixed"]["median_s"]
     / step_times["train_step/standard"]["median_s"]

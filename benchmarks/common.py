@@ -44,6 +44,7 @@ __all__ = [
   "random_logits",
   "save_json",
   "time_calls",
+  "warmup_s",
   "write_figure",
   "write_results",
 ]
@@ -68,6 +69,12 @@ def float64():
 def quick_from_env() -> bool:
   """True when ``ENTNORM_QUICK`` is set to a non-empty value other than ``0``."""
   return os.environ.get("ENTNORM_QUICK", "0") not in ("", "0")
+
+
+def warmup_s(quick: bool) -> float:
+  """Seconds of warm-up calls per timed function (:func:`time_calls`): a second, or next to none in
+  a smoke run (whose figures mean nothing)."""
+  return 0.02 if quick else 1.0
 
 
 def compile_ahead(fn: Callable, *args) -> Callable:
@@ -135,14 +142,20 @@ def time_calls(
   repeats: int = 15,
   min_sample_s: float = 2e-3,
   max_total_s: float | None = None,
+  warmup_s: float = 1.0,
 ) -> dict[str, dict[str, float]]:
   """Times compiled functions side by side, with their repeats interleaved.
+
+  Each function is first called over and over for ``warmup_s`` seconds (at least once): on the
+  2-core AMD EPYC a fresh process ran the first 5-60 calls of a [65536, 16] solve 2.5x slower
+  than the rest, which a single warm-up call left in the samples.
 
   Args:
     fns: name -> ``(compiled function, args)``.
     repeats: samples per function (fewer if ``max_total_s`` runs out first; at least 3).
     min_sample_s: a sample repeats a call until it lasts at least this long.
-    max_total_s: optional wall-clock budget for the whole comparison.
+    max_total_s: optional wall-clock budget for the whole comparison (the warm-up not included).
+    warmup_s: seconds of calls to each function before it is timed.
 
   Returns:
     name -> ``{"median_s", "q25_s", "q75_s", "min_s", "samples", "calls_per_sample"}``
@@ -157,7 +170,10 @@ def time_calls(
   number = {}
   for name in names:  # warm up, then calibrate the calls per sample
     fn, args = fns[name]
+    warm = time.perf_counter()
     jax.block_until_ready(fn(*args))
+    while time.perf_counter() - warm < warmup_s:
+      jax.block_until_ready(fn(*args))
     once = _sample(fn, args, 1)
     number[name] = max(1, int(np.ceil(min_sample_s / max(once, 1e-9))))
   samples: dict[str, list[float]] = {name: [] for name in names}

@@ -333,7 +333,10 @@ def _bench_shape(shape, *, quick: bool, peers: bool = True) -> dict:
   compiled = {k: (common.compile_ahead(f, x, target), (x, target)) for k, f in forward.items()}
   compiled |= {k: (common.compile_ahead(f, x, target, w), (x, target, w)) for k, f in grads.items()}
   times = common.time_calls(
-    compiled, repeats=5 if quick else 21, max_total_s=10.0 if quick else 120.0
+    compiled,
+    repeats=5 if quick else 21,
+    max_total_s=10.0 if quick else 120.0,
+    warmup_s=common.warmup_s(quick),
   )
   errors = {k: entropy_error(compiled[k][0](x, target), target) for k in forward if k != "softmax"}
   true = _true_gradient(x, target, w)

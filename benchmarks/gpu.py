@@ -277,8 +277,9 @@ def core_timing(smoke: bool, deadline: float) -> list[dict]:
         for name, f in fns.items()
       }
       budget = 2 if smoke else 15
-      fwd = common.time_calls(forward, repeats=5 if smoke else 15, max_total_s=budget)
-      bwd = common.time_calls(grad, repeats=5 if smoke else 15, max_total_s=budget)
+      timing = dict(repeats=5 if smoke else 15, max_total_s=budget, warmup_s=common.warmup_s(smoke))
+      fwd = common.time_calls(forward, **timing)
+      bwd = common.time_calls(grad, **timing)
       row["forward_s"] = {name: s["median_s"] for name, s in fwd.items()}
       row["grad_s"] = {name: s["median_s"] for name, s in bwd.items()}
       soft_f, soft_g = row["forward_s"]["softmax"], row["grad_s"]["softmax"]

@@ -161,7 +161,8 @@ def sweep_blocks(smoke: bool, interpret: bool, deadline: float, options=None) ->
       break
     try:
       f = common.compile_ahead(_forward("pallas", interpret, block_q=bq, block_k=bk), q, k, v)
-      timings[f"{bq}x{bk}"] = common.time_calls({"p": (f, (q, k, v))}, repeats=5)["p"]["median_s"]
+      times = common.time_calls({"p": (f, (q, k, v))}, repeats=5, warmup_s=common.warmup_s(smoke))
+      timings[f"{bq}x{bk}"] = times["p"]["median_s"]
     except Exception as e:  # noqa: BLE001 - a tile size Triton rejects is skipped
       timings[f"{bq}x{bk}"] = f"failed: {type(e).__name__}: {e}"[:300]
   valid = {name: t for name, t in timings.items() if isinstance(t, float)}
@@ -214,7 +215,7 @@ def time_lengths(
     row = {"length": n, "flash_impl": flash_kw.get("implementation", "xla")}
     try:
       compiled = {name: (common.compile_ahead(f, q, k, v), (q, k, v)) for name, f in fns.items()}
-      fwd = common.time_calls(compiled, repeats=7, max_total_s=20)
+      fwd = common.time_calls(compiled, repeats=7, max_total_s=20, warmup_s=common.warmup_s(smoke))
       row["forward_s"] = {name: s["median_s"] for name, s in fwd.items()}
       row["forward_iqr_s"] = {name: [s["q25_s"], s["q75_s"]] for name, s in fwd.items()}
       row["pallas_over_flash"] = fwd["pallas"]["median_s"] / fwd["flash"]["median_s"]
@@ -224,7 +225,7 @@ def time_lengths(
           loss = lambda q, k, v, f=fns[name], c=cot: jnp.vdot(f(q, k, v).astype(c.dtype), c)
           g = jax.grad(loss, argnums=(0, 1, 2))
           grads[name] = (common.compile_ahead(g, q, k, v), (q, k, v))
-        both = common.time_calls(grads, repeats=5, max_total_s=20)
+        both = common.time_calls(grads, repeats=5, max_total_s=20, warmup_s=common.warmup_s(smoke))
         row["fwd_bwd_s"] = {name: s["median_s"] for name, s in both.items()}
         row["fwd_bwd_pallas_over_flash"] = both["pallas"]["median_s"] / both["flash"]["median_s"]
     except Exception:  # noqa: BLE001 - recorded, the next length still runs

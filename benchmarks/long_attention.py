@@ -105,7 +105,7 @@ def measure_subprocess(implementation: str, n: int, causal: bool = True) -> dict
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def time_forward(cases, *, repeats: int, budget_s: float) -> list[dict]:
+def time_forward(cases, *, repeats: int, budget_s: float, warmup_s: float = 1.0) -> list[dict]:
   """Dense vs blockwise forward time per ``(length, causal)`` (interleaved repeats, one process)."""
   rows = []
   for n, causal in cases:
@@ -114,7 +114,7 @@ def time_forward(cases, *, repeats: int, budget_s: float) -> list[dict]:
       impl: (common.compile_ahead(_attention(impl, causal), q, k, v), (q, k, v))
       for impl in ("xla", "blockwise")
     }
-    stats = common.time_calls(fns, repeats=repeats, max_total_s=budget_s)
+    stats = common.time_calls(fns, repeats=repeats, max_total_s=budget_s, warmup_s=warmup_s)
     ratio = stats["blockwise"]["median_s"] / stats["xla"]["median_s"]
     rows.append({"length": n, "causal": causal, "dense": stats["xla"],
                  "blockwise": stats["blockwise"], "ratio": ratio})  # fmt: skip
@@ -132,7 +132,12 @@ def run(quick: bool = False) -> dict:
     time_cases = [(1024, False), (2048, False), (4096, False), (4096, True)]
   memory = [measure_subprocess("xla", n) for n in dense_lengths]
   memory += [measure_subprocess("blockwise", n) for n in block_lengths]
-  timing = time_forward(time_cases, repeats=3 if quick else 9, budget_s=10 if quick else 150)
+  timing = time_forward(
+    time_cases,
+    repeats=3 if quick else 9,
+    budget_s=10 if quick else 150,
+    warmup_s=common.warmup_s(quick),
+  )
   longest = max(block_lengths)
   blockwise = [r for r in memory if r["implementation"] == "blockwise"]
   at_longest = next(r for r in blockwise if r["length"] == longest)

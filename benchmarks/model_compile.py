@@ -135,7 +135,16 @@ def train_step(model: nn.Module, optimizer: optax.GradientTransformation):
   return step
 
 
-def measure(layout: str, layers: int, *, length: int, batch: int, repeats: int, step_s: float):
+def measure(
+  layout: str,
+  layers: int,
+  *,
+  length: int,
+  batch: int,
+  repeats: int,
+  step_s: float,
+  warmup_s: float = 1.0,
+):
   """Compile seconds (best of ``repeats``) and step time of both attentions at one size."""
   tokens = jax.random.randint(jax.random.key(0), (batch, length + 1), 0, VOCAB)
   scanned = layout == "scanned"
@@ -153,7 +162,7 @@ def measure(layout: str, layers: int, *, length: int, batch: int, repeats: int, 
       seconds, compiled[a] = common.compile_once(steps[a], args)
       samples[a].append(seconds)
   step_times = common.time_calls(
-    {a: (compiled[a], args) for a in ATTENTIONS}, repeats=9, max_total_s=step_s
+    {a: (compiled[a], args) for a in ATTENTIONS}, repeats=9, max_total_s=step_s, warmup_s=warmup_s
   )
   compile_times = {a: common.least_of(samples[a]) for a in ATTENTIONS}
   ratio = lambda t, key: t["entropy"][key] / t["standard"][key]
@@ -175,10 +184,11 @@ def run(quick: bool = False) -> dict:
   """Compile and step times for both attentions, both layouts and every N; JSON-ready."""
   sizes = SIZES[quick]
   kwargs = {k: sizes[k] for k in ("length", "batch", "repeats", "step_s")}
+  kwargs["warmup_s"] = common.warmup_s(quick)
   rows = []
   with common.no_persistent_cache():
     if WARM_UP:  # the process's first trace and compile pay one-time costs (imports, XLA setup)
-      measure("unrolled", 1, length=8, batch=1, repeats=1, step_s=0.0)
+      measure("unrolled", 1, length=8, batch=1, repeats=1, step_s=0.0, warmup_s=0.0)
     for layout in LAYOUTS:
       for layers in sizes["layers"]:
         row = measure(layout, layers, **kwargs)

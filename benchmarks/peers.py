@@ -100,7 +100,12 @@ def run(quick: bool = False) -> dict:
   compiled |= {
     f"grad {k}": (common.compile_ahead(f, x, target, w), (x, target, w)) for k, f in grads.items()
   }
-  times = common.time_calls(compiled, repeats=5 if quick else 11, max_total_s=10 if quick else 60)
+  times = common.time_calls(
+    compiled,
+    repeats=5 if quick else 11,
+    max_total_s=10 if quick else 60,
+    warmup_s=common.warmup_s(quick),
+  )
   errors = {k: entropy_error(compiled[f"forward {k}"][0](x, target), target) for k in fwd}
 
   rows = min(8 if quick else 32, shape[0])

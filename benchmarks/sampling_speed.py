@@ -104,7 +104,12 @@ def run(quick: bool = False) -> dict:
     fns[TORCH_TOP_P] = (warper, (scores,))
     fns[TORCH_TOP_P_FLAT] = (warper, (scores_flat,))
     torch_info |= {"version": torch.__version__, "threads": torch.get_num_threads()}
-  stats = common.time_calls(fns, repeats=3 if quick else 15, max_total_s=10 if quick else 150)
+  stats = common.time_calls(
+    fns,
+    repeats=3 if quick else 15,
+    max_total_s=10 if quick else 150,
+    warmup_s=common.warmup_s(quick),
+  )
   result = {
     "shape": list(shape),
     "dtype": "float32",

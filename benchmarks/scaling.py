@@ -41,7 +41,7 @@ def _functions():
   }
 
 
-def measure(batch: int, n: int, *, repeats: int, max_total_s: float) -> dict:
+def measure(batch: int, n: int, *, repeats: int, max_total_s: float, warmup_s: float = 1.0) -> dict:
   """Times the four functions on a random ``[batch, n]`` problem."""
   k1, k2 = jax.random.split(jax.random.key(n * 7919 + batch))
   x = jax.random.normal(k1, (batch, n), jnp.float32)
@@ -51,7 +51,7 @@ def measure(batch: int, n: int, *, repeats: int, max_total_s: float) -> dict:
   for name, f in _functions().items():
     args = (x, t, w) if name.startswith("grad") else (x, t)
     compiled[name] = (common.compile_ahead(f, *args), args)
-  times = common.time_calls(compiled, repeats=repeats, max_total_s=max_total_s)
+  times = common.time_calls(compiled, repeats=repeats, max_total_s=max_total_s, warmup_s=warmup_s)
   med = {k: v["median_s"] for k, v in times.items()}
   return {
     "batch": batch,
@@ -75,6 +75,7 @@ def run(quick: bool = False) -> dict:
   """Both sweeps (row length, batch); JSON-serializable figures."""
   by_length, by_batch = sizes(quick)
   opts = {"repeats": 5 if quick else 11, "max_total_s": 3.0 if quick else 15.0}
+  opts["warmup_s"] = common.warmup_s(quick)
   result = {"name": "scaling", "quick": quick, "by_length": [], "by_batch": []}
   for key, grid in (("by_length", by_length), ("by_batch", by_batch)):
     for batch, n in grid:

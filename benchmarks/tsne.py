@@ -154,7 +154,9 @@ def accuracy(p, target_h: float, reference_sklearn, reference_exact) -> dict:
   }
 
 
-def measure(case: Case, *, repeats: int, max_total_s: float, compiled: dict) -> dict:
+def measure(
+  case: Case, *, repeats: int, max_total_s: float, compiled: dict, warmup_s: float = 1.0
+) -> dict:
   """Times and accuracy of every method on one case."""
   d2 = knn_sq_distances(points(case.source, case.n_points), PERPLEXITY)
   base_sklearn = peers(PERPLEXITY)["scikit-learn"][0](d2)  # reference: distances without offset
@@ -170,7 +172,7 @@ def measure(case: Case, *, repeats: int, max_total_s: float, compiled: dict) -> 
   fns = {"entnorm_jax": (compiled[d2.shape], (dj,))}
   for name, (fn, prepare) in peers(PERPLEXITY).items():
     fns[name] = (fn, (prepare(d2),))
-  times = common.time_calls(fns, repeats=repeats, max_total_s=max_total_s)
+  times = common.time_calls(fns, repeats=repeats, max_total_s=max_total_s, warmup_s=warmup_s)
   target_h = float(np.log(PERPLEXITY))
   acc = {
     name: accuracy(np.asarray(fn(*args)), target_h, base_sklearn, exact)
@@ -195,6 +197,7 @@ def measure(case: Case, *, repeats: int, max_total_s: float, compiled: dict) -> 
 def run(quick: bool = False) -> dict:
   """Every case of the size table; JSON-serializable figures."""
   opts = {"repeats": 3 if quick else 9, "max_total_s": 2.0 if quick else 20.0}
+  opts["warmup_s"] = common.warmup_s(quick)
   compiled: dict = {}
   cases = [measure(c, compiled=compiled, **opts) for c in CASES[quick]]
   bars = [

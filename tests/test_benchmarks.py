@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import pathlib
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -35,9 +36,16 @@ def test_time_calls_interleaves_and_orders_quantiles():
   x = jax.random.normal(jax.random.key(3), (32, 32))
   f = common.compile_ahead(lambda x: jnp.tanh(x) @ x, x)
   g = common.compile_ahead(lambda x: jnp.sum(x), x)
-  times = common.time_calls({"f": (f, (x,)), "g": (g, (x,))}, repeats=4, min_sample_s=1e-4)
+  times = common.time_calls(
+    {"f": (f, (x,)), "g": (g, (x,))}, repeats=4, min_sample_s=1e-4, warmup_s=0.01
+  )
   assert set(times) == {"f", "g"} and all(t["samples"] == 4 for t in times.values())
   _positive_times(times)
+  # Each function is called for warmup_s before it is timed (4 samples of ~0.1 ms take far less).
+  calls = []
+  h = lambda x: calls.append(time.perf_counter()) or x
+  common.time_calls({"h": (h, (x,))}, repeats=4, min_sample_s=0.0, warmup_s=0.2)
+  assert calls[-1] - calls[0] >= 0.2
   with pytest.raises(ValueError, match="at least one"):
     common.time_calls({}, repeats=3)
 
