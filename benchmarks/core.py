@@ -167,6 +167,23 @@ Issue 17, its fifth round (the same machine, side by side, each function first r
   fusion of its own (92 fusions at n = 16). Six steps: 0.75x our time at [65536, 16] (within
   6e-6 nats on these rows), but 1.8x at [16384, 64] and 13x at [8192, 256], compiling in 0.4 / 1.7
   / 8.4 s; four steps do not converge (0.01-0.15 nats off). Not built.
+* what decides a block's iterations, from a float64 replay of the iteration in NumPy (it
+  reproduces the library's pass counts to a few rows in 65536) on 3·N(0, 1) rows at 0.5 log n:
+  at n = 16, 2923 rows take 2 passes, 59687 take 3, 2882 take 4 and 42 take 5, so each block of
+  32768 rows runs 5. The slowest rows have a cluster of 4-6 values within 0.2 of the maximum,
+  where the first guess is 3-10x below γ* (1.46 against 12.9): the first step overshoots (+0.59
+  to -0.62 nats) and two more follow. Replayed alternatives, none of which moves the block's
+  maximum: growth caps of 4, 8 or 32 per step instead of 16 (42 -> 22 / 37 / 44 rows of 5); the
+  step in either coordinate whatever the side, or the smaller, larger or geometric mean of both
+  (mean 2.99-3.01 passes); a Hermite step through both ends of the bracket (more rows of 4);
+  a first pass at 3 or 6 multiples of the first guess, keeping the closest (at most 4 passes
+  instead of 5 at n = 16 with 6 multiples, no change at 64 and 256, for 3-6 exponentials per
+  entry in that pass); stopping rows within 1e-3 or 3e-3 nats and taking their last step
+  without a pass (the lanes layout computes the output afresh anyway): the mean falls to 2.62 /
+  2.35 passes at n = 16 (2.38 / 2.14 at 64, 2.12 / 2.02 at 256), every row still within the
+  tolerance, but 6 / 1 rows of 65536 still take 5 passes and 266 / 141 take 4, so the blocks
+  run as many passes as before, and the lanes layout's answers would no longer agree with the
+  other layouts' to rounding.
 
 Run ``python -m benchmarks.core [--quick]``: prints the tables and writes ``core.json``,
 ``core.md`` and ``core.png`` into ``benchmarks/results/``.
