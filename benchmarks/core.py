@@ -181,9 +181,10 @@ Issue 17, its fifth round (the same machine, side by side, each function first r
   entry in that pass); stopping rows within 1e-3 or 3e-3 nats and taking their last step
   without a pass (the lanes layout computes the output afresh anyway): the mean falls to 2.62 /
   2.35 passes at n = 16 (2.38 / 2.14 at 64, 2.12 / 2.02 at 256), every row still within the
-  tolerance, but 6 / 1 rows of 65536 still take 5 passes and 266 / 141 take 4, so the blocks
-  run as many passes as before, and the lanes layout's answers would no longer agree with the
-  other layouts' to rounding.
+  tolerance, but 6 / 1 rows of 65536 still take 5 passes and 266 / 141 take 4, so blocks of
+  32768 rows would still run 4-5 passes (5 now; the maxima at 64 and 256 entries, 4 and 3, do
+  not move), and the lanes layout's answers would no longer agree with the other layouts' to
+  rounding. Not built.
 
 Run ``python -m benchmarks.core [--quick]``: prints the tables and writes ``core.json``,
 ``core.md`` and ``core.png`` into ``benchmarks/results/``.
