@@ -73,11 +73,17 @@ class _State(NamedTuple):
   evaluations: jax.Array | None  # int32: the passes over this row (None: not counted)
 
 
+def _distance(high, mom: Moments, bounds: Bounds):
+  """The side's distance of the entropy from its end: ``log n - H`` where ``high``, else
+  ``H - log m`` (the coordinates take its logarithm, the derivatives divide by it)."""
+  return jnp.where(high, bounds.log_n - mom.entropy, mom.excess)
+
+
 def _coordinates(high, gamma, mom: Moments, target, bounds: Bounds):
   """``(τ, F)`` of the current point in the chosen coordinate (see the module docstring): one
   logarithm of the side's distance, and the target's in either coordinate, which do not change
   over the loop (XLA hoists them out of it)."""
-  f = jnp.log(jnp.where(high, bounds.log_n - mom.entropy, mom.excess))
+  f = jnp.log(_distance(high, mom, bounds))
   goal = jnp.where(high, jnp.log(bounds.log_n - target), jnp.log(target - bounds.log_m))
   return jnp.where(high, jnp.log(gamma), gamma), f - goal
 
@@ -90,7 +96,7 @@ def _derivatives(high, gamma, mom: Moments, bounds: Bounds):
   # u' = du / (log n - H), u'' = (du - γ² H'') / (log n - H) - u'²; w' = H' / (H - log m),
   # w'' = H'' / (H - log m) - w'²: one reciprocal for the side the row is on (per-row division is
   # most of a short row's step algebra).
-  inverse = 1.0 / jnp.where(high, bounds.log_n - mom.entropy, mom.excess)
+  inverse = 1.0 / _distance(high, mom, bounds)
   f1 = jnp.where(high, du, h1) * inverse
   f2 = jnp.where(high, du - gamma * gamma * h2, h2) * inverse - f1 * f1
   return f1, f2
