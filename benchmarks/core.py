@@ -186,6 +186,38 @@ Issue 17, its fifth round (the same machine, side by side, each function first r
   not move), and the lanes layout's answers would no longer agree with the other layouts' to
   rounding. Not built.
 
+Issue 17, its sixth round: where a solve site's compile time goes, and what is left to remove
+(the same machine; compile seconds the least of 3 from empty caches, ``value_and_grad`` of
+``sum(w · entropy_softmax)`` at [4096, 1024] unless stated):
+
+* the phases: tracing 0.17 s (the solve is traced twice: once when ``jit`` traces the
+  ``custom_jvp``, once more when ``value_and_grad`` linearizes it and calls the JVP rule; a ``jit``
+  around the layout does not share the trace, because the second call runs under another abstract
+  mesh context and misses ``jit``'s cache), lowering 0.06 s, XLA 0.72-0.80 s. Of XLA's CPU time
+  (``perf``, both cores), LLVM's optimization and machine-code passes are about half, the MLIR
+  fusion emitters a third, XLA's HLO passes 4%: 97 fusions become 78 kernels, 15,600 lines of
+  optimized LLVM IR, the largest the first guess's closing fusion (the argmax model's steps and
+  the choice among the guesses, 1,000 lines);
+* what removing each remaining structure saves (forward / ``value_and_grad`` XLA seconds, base
+  0.60 / 0.77, fusions 71 / 98): the row model of the first guess (the plain-variance guess
+  instead) 0.53 / 0.71; the tiny-row rescaling ``cond`` 0.52 / 0.66; the tangents as whole-array
+  passes instead of blocks 0.57 / 0.63; all three 0.38 / 0.50, 67 fusions, with tracing and
+  lowering 0.18 s: 0.68 s in all, still over the 0.5 s target, and each removal costs speed. The
+  row model: 0.34 more passes at 0.5 log n (above). The whole-array tangents: the
+  gradient 1.59x the blocked tangents' time at [256, 32768], 2.19x at [4096, 1024], 1.87x at
+  [32768, 128], 2.04x at [8192, 256], 0.98x at [65536, 16]. The rescaling: the gap-first variant
+  (the maxima's pass finds the gap, every row scaled before its one statistics pass, no ``cond``;
+  ``f73b7f4``, backed out in ``feed8fa``) made the forward 33-45% slower at [32768, 128] and
+  [8192, 256] and 17% at [4096, 1024], and a ``cond`` before the statistics still 4-14%;
+* XLA's older emitters (``--xla_cpu_use_fusion_emitters=false``, a user's flag, not the
+  library's): this site 0.48 s instead of 0.72, but the 12-layer char-transformer train step of
+  ``benchmarks.model_compile`` with Flax's attention 6.6 s instead of 2.4 (ours 13.8 s): no advice
+  to give;
+* more sites: 1, 4 and 12 chained copies of the solve's ``value_and_grad`` at [8192, 256] compile
+  in 0.85, 1.02 and 2.06 s, with 100, 401 and 1,201 fusions (identical kernels are compiled once;
+  what grows is the HLO passes over a larger module). In the 12-layer model with entropy attention the HLO passes (alias and
+  dataflow analyses, copy insertion, the verifier) are a third of XLA's CPU time.
+
 Run ``python -m benchmarks.core [--quick]``: prints the tables and writes ``core.json``,
 ``core.md`` and ``core.png`` into ``benchmarks/results/``.
 """
