@@ -195,7 +195,7 @@ Issue 17, its sixth round: where a solve site's compile time goes, and what is l
   around the layout does not share the trace, because the second call runs under another abstract
   mesh context and misses ``jit``'s cache), lowering 0.06 s, XLA 0.72-0.80 s. Of XLA's CPU time
   (``perf``, both cores), LLVM's optimization and machine-code passes are about half, the MLIR
-  fusion emitters a third, XLA's HLO passes 4%: 97 fusions become 78 kernels, 15,600 lines of
+  fusion emitters a third, XLA's HLO passes 4%: 98 fusions become 78 kernels, 15,600 lines of
   optimized LLVM IR, the largest the first guess's closing fusion (the argmax model's steps and
   the choice among the guesses, 1,000 lines);
 * what removing each remaining structure saves (forward / ``value_and_grad`` XLA seconds, base
