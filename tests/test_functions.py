@@ -125,6 +125,34 @@ def test_tiny_rows_are_rescaled_in_every_layout():
     np.testing.assert_allclose(entropy, np.asarray(fractions) * np.log(16), atol=1e-5)
 
 
+def test_near_ties_far_below_the_spread_in_every_layout():
+  # A gap below the maximum of 1e-38 to 1e-24 beside values at -1 to -3: scaled by the gap alone
+  # such a row spanned 2^80-2^126 and missed high targets by 0.03-0.35 nats (or ran out of
+  # evaluations); the scale now stops at a spread of 2^32, and the near-tie is resolved by
+  # bisection where the target needs it.
+  x = jnp.asarray(
+    [
+      [0.0, 1.1754943508222875e-38, -1.0, -jnp.inf],
+      [0.0, 2e-37, -1.0, -3.0],
+      [3e-25, 0.0, -1e-24, -2.0],
+    ],
+    jnp.float32,
+  )
+  fractions = jnp.asarray([0.05, 0.3, 0.6, 0.9, 0.999, 1.0], jnp.float32)
+  rows = jnp.repeat(x, len(fractions), axis=0)
+  fracs = jnp.tile(fractions, len(x))
+  # The distribution, not γ: at 0.05 log 3 the first row's γ* (3.8e38) overflows float32.
+  solve = lambda impl: (
+    en.entropy_softmax(rows, target_fraction=fracs, implementation=impl),
+    en.solve_gamma(rows, target_fraction=fracs, return_info=True, implementation=impl)[1],
+  )
+  n = np.sum(np.isfinite(np.asarray(rows)), axis=-1)
+  targets = np.asarray(fracs, np.float64) * np.log(n)
+  for q, info in jax.jit(lambda: [solve("tiled"), solve("xla")])():
+    assert np.all(info.converged), info.evaluations
+    np.testing.assert_allclose(entropy64(q), targets, atol=1e-5)
+
+
 def test_seed_example_matches_numpy_reference():
   p = np.random.default_rng(0).random(100)
   p /= p.sum()
@@ -248,10 +276,13 @@ def test_entropy_normalize_keeps_zeros_and_order(rng):
 @example(data=[1.0, 1.0, 0.0, -1.0], frac=0.5)  # 0.5 · log 4 = log 2 = log m: on the edge
 @example(data=[2.0, 2.0, 2.0, -5.0], frac=0.8)  # 0.011 nats above log 3
 @example(data=[3.0, 0.0, -2.0, 1.0, 0.5], frac=1e-4)  # 1.6e-4 nats above log 1 = 0
+@example(data=[0.0, 2.0038568039844884e-43], frac=0.0)  # a subnormal: a tie on XLA's CPU
+@example(data=[0.0, 1.1754943508222875e-38, -1.0], frac=1.0)  # a near-tie 1e-38 from the maximum
 def test_property_order_range_and_sum(data, frac):
   x = np.asarray(data, np.float32)
   n = len(x)
   q = np.asarray(_jit_rel(jnp.asarray(_pad(x)), frac))[:n]
+  x = _flushed(x)
   assert np.all(np.isfinite(q)) and np.all(q >= 0)
   assert abs(q.sum() - 1.0) <= 1e-5
   # Order preserved; ties stay ties (exactly).
@@ -261,9 +292,16 @@ def test_property_order_range_and_sum(data, frac):
     elif x[i] == x[j]:
       assert q[i] == q[j]
   # Entropy lands on the clamped target.
-  m = np.sum(x == x.max())
+  m = np.sum(_flushed(x - x.max()) == 0)
   target = np.clip(frac * np.log(n), np.log(m), np.log(n))
   assert abs(entropy64(q) - target) <= 2e-4, (entropy64(q), target, m)
+
+
+def _flushed(x):
+  """``x`` (float32) as XLA's CPU backend computes with it: subnormal inputs and results are
+  flushed to zero, so ``[0, 2e-43]`` is a tie there (``x[1] > x[0]`` is False, and
+  ``jax.nn.softmax`` gives both 0.5), and so are two values whose difference is subnormal."""
+  return np.where(np.abs(x) < np.finfo(np.float32).tiny, np.float32(0), x)
 
 
 _PAD = 24

@@ -154,14 +154,30 @@ def _solve_block(x, where, target, relative, num_iters, info=False, lanes=False)
   return Solution(probs, gamma * unit, scale, *(report or ()))
 
 
+# A rescaled row spans at most 2**_MAX_SPREAD_EXPONENT below its maximum (see _rescale_tiny_rows).
+_MAX_SPREAD_EXPONENT = 32
+
+
 def _rescale_tiny_rows(logits: Shifted, stats):
   """Rows whose values lie closer together than about sqrt(tiny) (1e-19 in float32) would lose
   their products to underflow: they are solved on ``d`` times a power of two (exact) that brings
   the gap below the maximum near 1, and their γ is scaled back. Returns ``(logits, stats, unit)``
-  with γ_true = γ_solved · unit. A block without such rows costs one comparison."""
+  with γ_true = γ_solved · unit. A block without such rows costs one comparison.
+
+  The factor stops where the row would span more than 2^32 below its maximum (bounded by
+  sqrt(n E[d²]) >= max |d|): a near-tie far closer than the row's spread (a gap of 1e-38 beside
+  values at -1) cannot have both in float32's range, and scaled by the gap alone such a row spans
+  2^126, where its third sums overflow and the γ of any entropy but the lowest underflows (0.03-0.35
+  nats off at 0.9 log n). Capped, the row is right at every target that does not resolve the
+  near-tie, and the near-tie is taken by bisection, as in an unscaled row.
+  """
   dtype = logits.d.dtype
   tiny = stats.gap < np.sqrt(jnp.finfo(dtype).tiny) * 1e3
-  exponent = jnp.where(tiny & (stats.gap > 0), -jnp.floor(jnp.log2(stats.gap)), 0.0)
+  spread = jnp.sqrt(stats.n_valid * (stats.var + stats.mean * stats.mean))
+  exponent = jnp.minimum(
+    -jnp.floor(jnp.log2(stats.gap)), _MAX_SPREAD_EXPONENT - jnp.ceil(jnp.log2(spread))
+  )
+  exponent = jnp.where(tiny & (stats.gap > 0) & (exponent > 0), exponent, 0.0)
 
   def rescale():
     factor = jnp.exp2(exponent)
