@@ -126,19 +126,21 @@ def test_tiny_rows_are_rescaled_in_every_layout():
 
 
 def test_near_ties_far_below_the_spread_in_every_layout():
-  # A gap below the maximum of 1e-38 to 1e-24 beside values at -1 to -3: scaled by the gap alone
-  # such a row spanned 2^80-2^126 and missed high targets by 0.03-0.35 nats (or ran out of
-  # evaluations); the scale now stops at a spread of 2^32, and the near-tie is resolved by
-  # bisection where the target needs it.
+  # A gap below the maximum of 1e-38 to 1e-24 beside values at -1 to -3. Scaled by the gap for
+  # every target, such rows spanned 2^80-2^126 and missed high targets by 0.03-0.35 nats (or ran
+  # out of evaluations); scaled to a spread of 2^32 for every target, the low targets of the last
+  # row (four near-ties) ran out of evaluations. Each is now scaled for its target.
+  inf = -jnp.inf
   x = jnp.asarray(
     [
-      [0.0, 1.1754943508222875e-38, -1.0, -jnp.inf],
-      [0.0, 2e-37, -1.0, -3.0],
-      [3e-25, 0.0, -1e-24, -2.0],
+      [0.0, 1.1754943508222875e-38, -1.0, inf, inf, inf],
+      [0.0, 2e-37, -1.0, -3.0, inf, inf],
+      [3e-25, 0.0, -1e-24, -2.0, inf, inf],
+      [0.0, 0.0, 0.0, 7.886593516686087e-38, -2.0, -6.360519161093903e-16],
     ],
     jnp.float32,
   )
-  fractions = jnp.asarray([0.05, 0.3, 0.6, 0.9, 0.999, 1.0], jnp.float32)
+  fractions = jnp.asarray([0.05, 0.3, 0.5625, 0.6, 0.9, 0.999, 1.0], jnp.float32)
   rows = jnp.repeat(x, len(fractions), axis=0)
   fracs = jnp.tile(fractions, len(x))
   # The distribution, not γ: at 0.05 log 3 the first row's γ* (3.8e38) overflows float32.
@@ -150,6 +152,7 @@ def test_near_ties_far_below_the_spread_in_every_layout():
   targets = np.asarray(fracs, np.float64) * np.log(n)
   for q, info in jax.jit(lambda: [solve("tiled"), solve("xla")])():
     assert np.all(info.converged), info.evaluations
+    assert np.max(info.evaluations) <= 20, info.evaluations
     np.testing.assert_allclose(entropy64(q), targets, atol=1e-5)
 
 
@@ -278,6 +281,7 @@ def test_entropy_normalize_keeps_zeros_and_order(rng):
 @example(data=[3.0, 0.0, -2.0, 1.0, 0.5], frac=1e-4)  # 1.6e-4 nats above log 1 = 0
 @example(data=[0.0, 2.0038568039844884e-43], frac=0.0)  # a subnormal: a tie on XLA's CPU
 @example(data=[0.0, 1.1754943508222875e-38, -1.0], frac=1.0)  # a near-tie 1e-38 from the maximum
+@example(data=[0.0, 0.0, 0.0, 7.886593516686087e-38, -2.0, -6.360519161093903e-16], frac=0.5625)
 def test_property_order_range_and_sum(data, frac):
   x = np.asarray(data, np.float32)
   n = len(x)

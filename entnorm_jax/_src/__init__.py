@@ -25,12 +25,13 @@ The per-block solve, shared by every layout and every attention engine:
 
 1. **Statistics** (:func:`moments.shifted`, :func:`moments.row_stats`): the rows shifted to
    maximum 0 and one exponential-free pass: valid count, ties at the maximum, gap to the next
-   value, mean and variance. Rows whose values lie closer together than float's range can
-   multiply are rescaled by a power of two first (:func:`normalize._rescale_tiny_rows`, a
-   ``cond`` that costs one comparison when no row needs it).
+   value, mean and variance.
 2. **Bounds and goal** (:mod:`bounds`): the reachable range [log m, log n], the tolerance, and
    what each row is solved for (an exact target, or the floor/ceiling it crosses; rows inside
-   their bounds are held at γ = 1).
+   their bounds are held at γ = 1). Rows whose values lie closer together than float's range
+   can multiply are then rescaled by a power of two chosen for their target
+   (:func:`normalize._rescale_tiny_rows`, a ``cond`` that costs one comparison when no row needs
+   it).
 3. **First guess** (:mod:`first_guess`): γ from a model of the row. *Edge rows* enter here: a
    target at log n (or an empty row) gets γ = 0, one at log m the argmax bound, a NaN row or target
    NaN; they are ``fixed`` and never stepped.

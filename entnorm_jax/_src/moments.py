@@ -213,6 +213,16 @@ def row_stats(logits: Shifted) -> RowStats:
   return RowStats(n, ties, gap, mean, var)
 
 
+def count_near_max(logits: Shifted, distance: jax.Array) -> jax.Array:
+  """Valid entries within ``distance`` (per row) of each row's maximum, the maximum included, as
+  floats (one pass)."""
+  distance = distance.reshape(distance.shape + (1,) * (logits.dm.ndim - distance.ndim))
+  near = ((logits.dm >= -distance) & (logits.dm != -jnp.inf)).astype(logits.d.dtype)
+  if _in_lanes(logits):
+    return _row_sums((near,))[0]
+  return jnp.sum(near, axis=-1)
+
+
 def evaluate(
   logits: Shifted, gamma: jax.Array, n_ties: jax.Array, *, full: bool
 ) -> tuple[Moments, jax.Array, jax.Array]:

@@ -44,7 +44,14 @@ from entnorm_jax._src.backends import TILE_BYTES, any_of
 from entnorm_jax._src.bounds import entropy_bounds, goal
 from entnorm_jax._src.first_guess import start
 from entnorm_jax._src.iteration import FULL, solve
-from entnorm_jax._src.moments import Shifted, distribution, evaluate, row_stats, shifted
+from entnorm_jax._src.moments import (
+  Shifted,
+  count_near_max,
+  distribution,
+  evaluate,
+  row_stats,
+  shifted,
+)
 
 IMPLEMENTATIONS = ("tiled", "xla", "pallas")
 
@@ -111,13 +118,14 @@ def _solve_block(x, where, target, relative, num_iters, info=False, lanes=False)
   """
   logits = shifted(x, where, lanes=lanes)
   stats = row_stats(logits)
-  logits, stats, unit = _rescale_tiny_rows(logits, stats)
-  bounds = entropy_bounds(stats, x.dtype)
-  one = 1.0 / unit  # γ = 1 in the rescaled rows' units
+  bounds = entropy_bounds(stats, x.dtype)  # the goal needs its entropies, which scaling keeps
   natural = None
-  if target.ndim == 2:
-    natural = evaluate(logits, one, stats.n_ties, full=False)[0].entropy
+  if target.ndim == 2:  # the entropy alone needs no products of d: no row is rescaled for it
+    natural = evaluate(logits, jnp.ones_like(stats.mean), stats.n_ties, full=False)[0].entropy
   aim = goal(target, relative, bounds, natural)
+  logits, stats, unit = _rescale_tiny_rows(logits, stats, aim.nats)
+  bounds = entropy_bounds(stats, x.dtype)  # and γ's upper end, in the rescaled rows' units
+  one = 1.0 / unit  # γ = 1 in the rescaled rows' units
   scale = aim.scale
   if target.ndim == 2:
     scale = jnp.stack([jnp.where(aim.which == k, aim.scale, 0.0) for k in (1, 2)], axis=-1)
@@ -154,38 +162,47 @@ def _solve_block(x, where, target, relative, num_iters, info=False, lanes=False)
   return Solution(probs, gamma * unit, scale, *(report or ()))
 
 
-# A rescaled row spans at most 2**_MAX_SPREAD_EXPONENT below its maximum (see _rescale_tiny_rows).
+# A row rescaled for a target it can reach without telling its near-ties apart spans at most
+# 2**_MAX_SPREAD_EXPONENT below its maximum; entries within 2**-_NEAR_EXPONENT of the maximum at
+# that scale count as its near-ties (see _rescale_tiny_rows).
 _MAX_SPREAD_EXPONENT = 32
+_NEAR_EXPONENT = 20
 
 
-def _rescale_tiny_rows(logits: Shifted, stats):
+def _rescale_tiny_rows(logits: Shifted, stats, target):
   """Rows whose values lie closer together than about sqrt(tiny) (1e-19 in float32) would lose
-  their products to underflow: they are solved on ``d`` times a power of two (exact) that brings
-  the gap below the maximum near 1, and their γ is scaled back. Returns ``(logits, stats, unit)``
-  with γ_true = γ_solved · unit. A block without such rows costs one comparison.
+  their products to underflow: they are solved on ``d`` times a power of two (exact), and their γ
+  is scaled back. Returns ``(logits, stats, unit)`` with γ_true = γ_solved · unit. A block
+  without such rows costs one comparison.
 
-  The factor stops where the row would span more than 2^32 below its maximum (bounded by
-  sqrt(n E[d²]) >= max |d|): a near-tie far closer than the row's spread (a gap of 1e-38 beside
-  values at -1) cannot have both in float32's range, and scaled by the gap alone such a row spans
-  2^126, where its third sums overflow and the γ of any entropy but the lowest underflows (0.03-0.35
-  nats off at 0.9 log n). Capped, the row is right at every target that does not resolve the
-  near-tie, and the near-tie is taken by bisection, as in an unscaled row.
+  The power brings the gap below the maximum near 1, unless the row's spread (bounded by
+  sqrt(n E[d²]) >= max |d|) would then exceed 2^32: a near-tie far closer than the rest of the
+  row (a gap of 1e-38 beside values at -1) cannot have both in float32's range. Such a row is
+  scaled by the gap only where its target (``target``, nats) lies below the log of its near-ties'
+  count, the entropies that tell them apart; for higher targets it is scaled to a spread of 2^32,
+  where its near-ties are ties for every γ the target needs. Scaled by the gap for every target,
+  such rows missed high targets by 0.03-0.35 nats (γ underflowed, and the third sums overflowed);
+  scaled by the spread for every target, low ones took 14 passes to the cap of 32, some without
+  converging.
   """
   dtype = logits.d.dtype
-  tiny = stats.gap < np.sqrt(jnp.finfo(dtype).tiny) * 1e3
-  spread = jnp.sqrt(stats.n_valid * (stats.var + stats.mean * stats.mean))
-  exponent = jnp.minimum(
-    -jnp.floor(jnp.log2(stats.gap)), _MAX_SPREAD_EXPONENT - jnp.ceil(jnp.log2(spread))
-  )
-  exponent = jnp.where(tiny & (stats.gap > 0) & (exponent > 0), exponent, 0.0)
+  tiny = (stats.gap < np.sqrt(jnp.finfo(dtype).tiny) * 1e3) & (stats.gap > 0)
 
   def rescale():
+    by_gap = -jnp.floor(jnp.log2(stats.gap))
+    spread = jnp.sqrt(stats.n_valid * (stats.var + stats.mean * stats.mean))
+    by_spread = _MAX_SPREAD_EXPONENT - jnp.ceil(jnp.log2(spread))
+    near = count_near_max(logits, jnp.exp2(-(by_spread + _NEAR_EXPONENT)))
+    resolve = target < jnp.log(jnp.maximum(near, 1.0)) + 1e-4
+    exponent = jnp.where(resolve, by_gap, jnp.minimum(by_gap, by_spread))
+    exponent = jnp.where(tiny & (exponent > 0), exponent, 0.0)
     factor = jnp.exp2(exponent)
     factor = factor.reshape(factor.shape + (1,) * (logits.d.ndim - factor.ndim))
     scaled = Shifted(logits.zmax, logits.d * factor, logits.dm * factor)
-    return scaled, row_stats(scaled)
+    return scaled, row_stats(scaled), exponent
 
-  logits, stats = jax.lax.cond(any_of(exponent != 0), rescale, lambda: (logits, stats))
+  none = jnp.zeros_like(stats.gap)
+  logits, stats, exponent = jax.lax.cond(any_of(tiny), rescale, lambda: (logits, stats, none))
   return logits, stats, jnp.exp2(exponent)
 
 
