@@ -130,12 +130,12 @@ def test_near_ties_far_below_the_spread_in_every_layout():
   # every target, such rows spanned 2^80-2^126 and missed high targets by 0.03-0.35 nats (or ran
   # out of evaluations); scaled to a spread of 2^32 for every target, the low targets of the last
   # row (four near-ties) ran out of evaluations. Each is now scaled for its target.
-  inf = -jnp.inf
+  masked = -jnp.inf
   x = jnp.asarray(
     [
-      [0.0, 1.1754943508222875e-38, -1.0, inf, inf, inf],
-      [0.0, 2e-37, -1.0, -3.0, inf, inf],
-      [3e-25, 0.0, -1e-24, -2.0, inf, inf],
+      [0.0, 1.1754943508222875e-38, -1.0, masked, masked, masked],
+      [0.0, 2e-37, -1.0, -3.0, masked, masked],
+      [3e-25, 0.0, -1e-24, -2.0, masked, masked],
       [0.0, 0.0, 0.0, 7.886593516686087e-38, -2.0, -6.360519161093903e-16],
     ],
     jnp.float32,
