@@ -215,15 +215,17 @@ Issue 17, its sixth round: where a solve site's compile time goes, and what is l
   to give;
 * more sites: 1, 4 and 12 chained copies of the solve's ``value_and_grad`` at [8192, 256] compile
   in 0.85, 1.02 and 2.06 s, with 100, 401 and 1,201 fusions (identical kernels are compiled once;
-  what grows is the HLO passes over a larger module). In the 12-layer model with entropy attention the HLO passes (alias and
-  dataflow analyses, copy insertion, the verifier) are a third of XLA's CPU time.
+  what grows is the HLO passes over a larger module). In the 12-layer model with entropy
+  attention the HLO passes (alias and dataflow analyses, copy insertion, the verifier) are a third
+  of XLA's CPU time.
 
 The softmax baseline's two modes at 16 MiB outputs (see the README) are page faults: counted with
 ``getrusage`` around each call, in eight processes at [32768, 128] (softmax and our solve
 interleaved, 180 calls of each), the softmax calls that took 4,097-4,101 minor faults (a fresh
 16 MiB output) ran in 7.4-8.7 ms (the median per process) and those that took none or a few in
-2.8-3.2 ms; in three of the eight processes no call took them. Our solve's calls fault alike. At [256, 32768]
-(32 MiB outputs, above glibc's largest mmap threshold) every call of both took 8,193 faults.
+2.8-3.2 ms; in three of the eight processes no call took them. Our solve's calls fault alike.
+At [256, 32768] (32 MiB outputs, above glibc's largest mmap threshold) every call of both took
+8,193 faults.
 
 Run ``python -m benchmarks.core [--quick]``: prints the tables and writes ``core.json``,
 ``core.md`` and ``core.png`` into ``benchmarks/results/``.

@@ -34,14 +34,14 @@ batch 2, one repeat): prints a table and writes ``model_compile.{json,md,png}`` 
 ``benchmarks/results/`` (or ``--out DIR``).
 
 Results (2-core AMD EPYC, jax 0.10.2, this release; ``benchmarks/results/model_compile.md``): the
-12-layer train step compiles in 7.2 s with entropy attention against 3.6 s with Flax's, 1.99x;
-with ``nn.scan`` 3.7 s against 2.3 s, 1.64x (the previous release's snapshot read 1.80x and 1.78x:
-these ratios move by 10-20% between runs). Both are over the 1.5x bar. A solve site costs about
-0.9 s of compile at one layer; each further unrolled layer compiles in 0.03 s more than a Flax
-layer from 1 to 4 layers, and 0.3 s more from 4 to 12: XLA compiles identical kernels once, and
-what grows is the HLO passes over a larger module (a third of XLA's CPU time at 12 layers; see
-``benchmarks/core.py``). The step costs
-1.2-1.3x Flax's.
+12-layer train step compiles in 7.2 s with entropy attention against 4.0 s with Flax's, 1.83x;
+with ``nn.scan`` 4.5 s against 2.6 s, 1.72x (a run before this release's tiny-row fix read 1.99x
+and 1.64x, the previous release's snapshot 1.80x and 1.78x: these ratios move by 10-20% between
+runs). Both are over the 1.5x bar. A solve site costs about 0.9 s of compile at one layer; each
+further unrolled layer 0.18-0.22 s more than a Flax layer (on average from 1 to 12 layers, two
+runs): XLA compiles identical kernels once, and what grows is the HLO passes over a larger module
+(a third of XLA's CPU time at 12 layers; see ``benchmarks/core.py``). The step costs 1.2-1.4x
+Flax's.
 """
 
 from __future__ import annotations
